@@ -1,0 +1,72 @@
+"""The ``tokengym`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cluster.config import ConfigError, load_config
+
+USAGE_EXAMPLES = """examples:
+  tokengym train                                   # configs/default.yaml
+  tokengym train configs/grpo.yaml algorithm.lr=1e-4 rollout.num_actors=4
+  tokengym train --resume runs/reverse-ppo-20261129-101500
+  tokengym export runs/reverse-ppo-20261129-101500 --out exported/
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokengym", description="RL for language models on Ray, vLLM and RLlib.",
+                                     epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="run an experiment (default: configs/default.yaml)")
+    tr.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    ex = sub.add_parser("export", help="write a run's policy as a Hugging Face model directory")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="the directory to write")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "train":
+            return _train(args.args, args.resume)
+        return _export(Path(args.run_dir), Path(args.out))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"tokengym: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokengym: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _train(positional: list[str], resume: str | None) -> int:
+    from cluster.run import resume_config, train
+
+    config_path = None
+    overrides = list(positional)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    if resume is not None:
+        if config_path is not None:
+            raise ConfigError("--resume takes the run's own config.yaml; give only section.key=value overrides")
+        cfg = resume_config(Path(resume), overrides)
+        run_dir = train(cfg, Path(resume), resume=True)
+    else:
+        cfg = load_config(config_path, overrides)
+        run_dir = train(cfg)
+    print(f"run finished: {run_dir}")
+    return 0
+
+
+def _export(run_dir: Path, out: Path) -> int:
+    from cluster.export import export_policy
+
+    export_policy(run_dir, out)
+    print(f"exported {run_dir} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

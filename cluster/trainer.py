@@ -1,0 +1,191 @@
+"""The training driver. One iteration reads top to bottom:
+
+    generate + score (rollout actors) -> old/ref log-probs (learner) -> advantages -> update -> sync weights
+
+and ``train`` wraps it with logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from cluster.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from cluster.config import ExperimentConfig
+from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError, unwrap_ray_errors
+from policies.advantages import ADVANTAGES, AdvantageParams, whiten
+from policies.columns import (
+    ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
+    RETURNS, REWARDS, SAMPLING_LOGP,
+)
+from policies.learner import MODULE_ID, build_learner_group
+from policies.losses import KL_ESTIMATORS
+from policies.rl_module import LM_PREFIX
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[f"timing/{phase}_s"] = time.perf_counter() - start
+
+
+class Trainer:
+    """The Ray side of one run: the vLLM rollout actors and the RLlib LearnerGroup, and the iteration over them."""
+
+    def __init__(self, cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int) -> None:
+        self.cfg = cfg
+        self.weights_version = 0
+        self.adv_params = AdvantageParams(cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt)
+        torch.manual_seed(cfg.seed)
+        self.learners = build_learner_group(
+            cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner
+        )
+        engine = EngineOptions(
+            model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
+            max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
+            kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed,
+        )
+        self.rollouts = RolloutGroup(cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor)
+
+    # ------------------------------------------------------------------------------------------ one iteration
+    def run_iteration(self, iteration: int) -> dict[str, Any]:
+        t: dict[str, float] = {}
+        start = time.perf_counter()
+        with timed(t, "rollout"):
+            rollouts = self.rollouts.sample(
+                self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.samples_per_prompt,
+                seed=self.cfg.seed * 1_000_003 + iteration, version=self.weights_version,
+            )
+        batch = build_batch(rollouts)
+        with timed(t, "logprobs"):
+            batch.update(self.rollout_stats(batch))
+        with timed(t, "advantages"):
+            adv_metrics = self.add_advantages(batch)
+        with timed(t, "update"):
+            losses = self.update(batch)
+        with timed(t, "weight_sync"):
+            self.sync_weights()
+        t["timing/iteration_s"] = time.perf_counter() - start
+        trained = float(batch[ATTENTION_MASK].sum()) * self.cfg.algorithm.num_epochs
+        return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t,
+                "throughput/update_tokens_per_s": trained / t["timing/update_s"], "weights/version": self.weights_version}
+
+    def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pre-update log-probs (and values, reference log-probs) from the learners: one forward per sequence."""
+        inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
+        mb = self.cfg.algorithm.minibatch_size
+        results = unwrap_ray_errors(lambda: self.learners.foreach_learner(lambda learner: learner.rollout_stats(inputs, mb)))
+        shards = [r.get() for r in results]
+        n = len(batch[RESPONSE_MASK])
+        out = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in shards[0][1].items()}
+        for rows, arrays in shards:
+            for k, v in arrays.items():
+                out[k][rows] = v
+        return out
+
+    def add_advantages(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """Advantages and returns from the registered estimator, written into ``batch``."""
+        algo = self.cfg.algorithm
+        mask = torch.from_numpy(batch[RESPONSE_MASK])
+        rewards = torch.from_numpy(batch[REWARDS])
+        metrics: dict[str, float] = {}
+        if algo.kl_coef > 0 and algo.kl_in == "reward":
+            kl = KL_ESTIMATORS[algo.kl_estimator](torch.from_numpy(batch[OLD_LOGP]), torch.from_numpy(batch[REF_LOGP]))
+            rewards = rewards - algo.kl_coef * kl * mask
+            metrics["rollout/kl_ref"] = float((kl * mask).sum() / mask.sum())
+        values = torch.from_numpy(batch[OLD_VALUES]) if OLD_VALUES in batch else torch.zeros_like(rewards)
+        batch.setdefault(OLD_VALUES, values.numpy())
+        adv, returns = ADVANTAGES[algo.advantage](rewards, values, mask, self.adv_params)
+        if algo.normalize_advantages:
+            adv = whiten(adv, mask)
+        batch[ADV], batch[RETURNS] = adv.float().numpy(), returns.float().numpy()
+        if OLD_VALUES in batch and self.cfg.policy.value_head:
+            m = mask.bool()
+            var = returns[m].var()
+            metrics["losses/explained_variance"] = float(1 - (returns[m] - values[m]).var() / var) if var > 0 else 0.0
+        return metrics
+
+    def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """The RLlib LearnerGroup update: num_epochs x minibatches, shuffled, sharded over the learners."""
+        from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+        algo = self.cfg.algorithm
+        n = len(batch[RESPONSE_MASK])
+        mab = MultiAgentBatch({MODULE_ID: SampleBatch(batch)}, env_steps=n)
+        results = unwrap_ray_errors(lambda: self.learners.update(
+            batch=mab, num_epochs=algo.num_epochs, minibatch_size=algo.minibatch_size, shuffle_batch_per_epoch=True,
+        ))
+        stats = results[0][MODULE_ID]
+        names = {"policy_loss": "policy_loss", "value_loss": "value_loss", "entropy": "entropy",
+                 "approx_kl": "approx_kl", "clipfrac": "clipfrac", "kl_ref": "kl_ref",
+                 "gradients_default_optimizer_global_norm": "grad_norm", "default_optimizer_learning_rate": "lr"}
+        out = {f"losses/{ours}": float(stats[theirs]) for theirs, ours in names.items() if theirs in stats}
+        out.setdefault("losses/value_loss", 0.0)
+        return out
+
+    def sync_weights(self) -> None:
+        """Push the learners' weights into every vLLM engine and bump the version the next rollouts must carry."""
+        state = self.learners.get_weights()[MODULE_ID]
+        hf = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in state.items() if k.startswith(LM_PREFIX)}
+        self.weights_version += 1
+        self.rollouts.load_weights(hf, self.weights_version)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save(self, root: Path, iteration: int, extra: dict[str, Any]) -> Path:
+        state = {"weights_version": self.weights_version, **extra}
+        return save_checkpoint(root, iteration, self.learners, state, self.cfg.keep_checkpoints)
+
+    def restore(self, checkpoint: Path) -> dict[str, Any]:
+        """Learner weights, optimizer state and counters from ``checkpoint``; the engines get its weights."""
+        state = read_state(checkpoint)
+        self.learners.restore_from_path(str((checkpoint / "learner").resolve()))
+        self.weights_version = int(state["weights_version"]) - 1
+        self.sync_weights()  # brings the engines to the checkpoint's weights and version
+        return state
+
+    def shutdown(self) -> None:
+        self.rollouts.shutdown()
+        self.learners.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- batch helpers
+def build_batch(rollouts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token rows for the learner: the prompt left-padded and the response right-padded, (B, P + R)."""
+    prompt_ids, response_ids = rollouts["prompt_ids"], rollouts["response_ids"]
+    (B, P), R = prompt_ids.shape, response_ids.shape[1]
+    prompt_mask = np.arange(P)[None, :] >= (P - rollouts["prompt_length"])[:, None]  # (B, P)
+    response_mask = np.arange(R)[None, :] < rollouts["response_length"][:, None]  # (B, R)
+    attention = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int64)  # (B, P + R)
+    positions = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
+    return {
+        INPUT_IDS: np.concatenate([prompt_ids, response_ids], axis=1),
+        ATTENTION_MASK: attention,
+        POSITION_IDS: positions.astype(np.int64),
+        RESPONSE_MASK: response_mask.astype(np.float32),
+        REWARDS: rollouts["rewards"],
+        SAMPLING_LOGP: rollouts["sampling_logp"],
+    }
+
+
+def rollout_metrics(rollouts: dict[str, Any], batch: dict[str, np.ndarray], t: dict[str, float]) -> dict[str, float]:
+    mask = batch[RESPONSE_MASK]
+    returns = (batch[REWARDS] * mask).sum(axis=1)
+    return {
+        "reward/mean": float(returns.mean()),
+        "reward/std": float(returns.std()),
+        "reward/score_mean": float(rollouts["score"].mean()),
+        "reward/errors": int(rollouts["reward_errors"]),
+        "rollout/response_length": float(mask.sum(axis=1).mean()),
+        "rollout/terminated_frac": float(rollouts["terminated"].mean()),
+        "rollout/logprob_gap": float(np.abs(batch[SAMPLING_LOGP] - batch[OLD_LOGP])[mask > 0].mean()),
+        "timing/generate_s": float(rollouts["generate_s"]),
+        "timing/replay_s": float(rollouts["replay_s"]),
+        "throughput/rollout_tokens_per_s": rollouts["generated_tokens"] / max(t["timing/rollout_s"], 1e-9),
+    }

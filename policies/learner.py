@@ -1,0 +1,142 @@
+"""The RLlib Learner that updates the Transformer policy, and the RLlib config that builds its LearnerGroup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig as RLlibAlgorithmConfig
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.typing import ModuleID
+
+from policies.advantages import masked_mean
+from policies.columns import (
+    ADVANTAGES, ENTROPY, LOGP, OLD_LOGP, OLD_VALUES, REF_LOGP, RESPONSE_MASK, RETURNS, VALUES,
+)
+from policies.config import AlgorithmConfig, PolicyConfig
+from policies.losses import KL_ESTIMATORS, OBJECTIVES, value_loss
+from policies.models import load_causal_lm
+from policies.rl_module import TransformerPolicyRLModule
+
+MODULE_ID = "default_policy"
+
+
+class TokenPolicyLearner(TorchLearner):
+    """Computes the registered objective (+ value loss, entropy bonus, KL to the reference) on token batches.
+
+    Also answers ``rollout_stats``: a no-grad pass that gives the pre-update log-probabilities, values and
+    reference log-probabilities of a batch, which the driver turns into advantages.
+    """
+
+    def build(self) -> None:
+        super().build()
+        algo: AlgorithmConfig = self.config.algo
+        self._ref_lm = None
+        if algo.kl_coef > 0:  # a frozen copy of the starting policy; never loaded when the KL is off
+            self._ref_lm = load_causal_lm(self.config.policy_model_path).to(self._device).eval()
+            self._ref_lm.requires_grad_(False)
+
+    def configure_optimizers_for_module(self, module_id: ModuleID, config: RLlibAlgorithmConfig = None) -> None:
+        params = self.get_parameters(self._module[module_id])
+        optimizer = torch.optim.Adam(params, eps=config.algo.adam_eps)
+        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr)
+
+    def compute_loss_for_module(
+        self, *, module_id: ModuleID, config: RLlibAlgorithmConfig, batch: dict[str, Any], fwd_out: dict[str, Any]
+    ) -> torch.Tensor:
+        algo: AlgorithmConfig = config.algo
+        mask = batch[RESPONSE_MASK].float()
+        logp = fwd_out[LOGP]
+        pg_loss, stats = OBJECTIVES[algo.objective](
+            logp, batch[OLD_LOGP], batch[ADVANTAGES], mask, algo.clip_ratio, algo.loss_agg
+        )
+        entropy = masked_mean(fwd_out[ENTROPY], mask)
+        loss = pg_loss - algo.entropy_coef * entropy
+        metrics = {"policy_loss": pg_loss, "entropy": entropy, **stats}
+        if VALUES in fwd_out:
+            vf_loss = value_loss(fwd_out[VALUES], batch[OLD_VALUES], batch[RETURNS], mask, algo.value_clip, algo.loss_agg)
+            loss = loss + algo.vf_coef * vf_loss
+            metrics["value_loss"] = vf_loss
+        if algo.kl_coef > 0 and algo.kl_in == "loss":
+            kl = masked_mean(KL_ESTIMATORS[algo.kl_estimator](logp, batch[REF_LOGP]), mask)
+            loss = loss + algo.kl_coef * kl
+            metrics["kl_ref"] = kl
+        self.metrics.log_dict({k: float(v.detach()) for k, v in metrics.items()}, key=module_id, reduce="mean")
+        return loss
+
+    @torch.no_grad()
+    def rollout_stats(self, batch: dict[str, np.ndarray], microbatch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Pre-update log-probabilities, values and reference log-probabilities of this learner's shard of ``batch``.
+
+        With several learners, learner ``k`` of ``n`` takes rows ``k::n``; returns those row indices and the arrays.
+        """
+        rank, world = self._rank_and_world()
+        rows = np.arange(len(batch[RESPONSE_MASK]))[rank::world]
+        module = self.module[MODULE_ID].unwrapped()
+        module.eval()
+        outs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(rows), microbatch_size):
+            idx = rows[start : start + microbatch_size]
+            mb = {k: torch.from_numpy(v[idx]).to(self._device) for k, v in batch.items()}
+            fwd = module.forward_train(mb)
+            cols = {OLD_LOGP: fwd[LOGP]}
+            if VALUES in fwd:
+                cols[OLD_VALUES] = fwd[VALUES]
+            if self._ref_lm is not None:
+                cols[REF_LOGP] = response_logp(self._ref_lm, mb)
+            for k, v in cols.items():
+                outs.setdefault(k, []).append(v.float().cpu().numpy())
+        module.train()
+        return rows, {k: np.concatenate(v) for k, v in outs.items()}
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+
+def response_logp(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities of the response tokens under a bare HF causal LM (the frozen reference), (B, R)."""
+    from policies.columns import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
+
+    R = batch[RESPONSE_MASK].shape[1]
+    logits = lm(
+        input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS]
+    ).logits[:, -R - 1 : -1].float()  # (B, R, V)
+    return torch.log_softmax(logits, -1).gather(-1, batch[INPUT_IDS][:, -R:].unsqueeze(-1)).squeeze(-1)
+
+
+class TokenGymRLlibConfig(RLlibAlgorithmConfig):
+    """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
+
+    def __init__(self, algo: AlgorithmConfig | None = None, policy_model_path: str | None = None, value_head: bool = True):
+        super().__init__()
+        self.algo = algo or AlgorithmConfig()
+        self.policy_model_path = policy_model_path
+        self.value_head = value_head
+
+    def get_default_learner_class(self) -> type[TokenPolicyLearner]:
+        return TokenPolicyLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        import gymnasium as gym
+
+        return RLModuleSpec(
+            module_class=TransformerPolicyRLModule,
+            # The spaces are nominal: the module reads token rows, not RLlib observations.
+            observation_space=gym.spaces.Box(0, 1, (1,), np.float32),
+            action_space=gym.spaces.Discrete(2),
+            model_config={"model_path": self.policy_model_path, "value_head": self.value_head},
+        )
+
+
+def build_learner_group(
+    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float
+) -> Any:
+    """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process)."""
+    cfg = TokenGymRLlibConfig(algo=algo, policy_model_path=model_path, value_head=policy.value_head)
+    cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
+    cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
+    return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

@@ -1,0 +1,92 @@
+"""Policy objectives, the value loss and KL estimators: small pure functions, registered by name.
+
+Every function takes (B, R) tensors and a ``mask`` of response tokens; ``aggregate`` turns per-token terms into a
+scalar, per token (``token_mean``: every token weighs the same) or per sequence (``seq_mean``: every sequence does).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Protocol
+
+import torch
+
+Tensor = torch.Tensor
+LossAgg = Literal["token_mean", "seq_mean"]
+
+
+def aggregate(x: Tensor, mask: Tensor, how: LossAgg) -> Tensor:
+    """Reduce per-token values (B, R) to a scalar over the masked tokens."""
+    if how == "token_mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    if how == "seq_mean":
+        per_seq = (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_seq[mask.sum(dim=1) > 0].mean() if bool((mask.sum(dim=1) > 0).any()) else per_seq.sum() * 0
+    raise ValueError(f"loss aggregation must be 'token_mean' or 'seq_mean'; got {how!r}")
+
+
+class Objective(Protocol):
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float, agg: LossAgg
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str) -> Callable[[Objective], Objective]:
+    def deco(fn: Objective) -> Objective:
+        OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_objective("ppo_clip")
+def ppo_clip(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float, agg: LossAgg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate: ``-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)``."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    loss = aggregate(-torch.minimum(unclipped, clipped), mask, agg)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": aggregate(((ratio - 1.0).abs() > clip).float(), mask, "token_mean"),
+            "approx_kl": aggregate((ratio - 1.0) - log_ratio, mask, "token_mean"),  # k3 of old -> new
+        }
+    return loss, stats
+
+
+@register_objective("vanilla_pg")
+def vanilla_pg(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float, agg: LossAgg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The plain policy gradient ``-logp * A`` (no ratio, no clipping; meant for one epoch per batch)."""
+    loss = aggregate(-logp * advantages, mask, agg)
+    with torch.no_grad():
+        log_ratio = logp - old_logp
+        stats = {
+            "clipfrac": torch.zeros((), device=logp.device),
+            "approx_kl": aggregate(torch.exp(log_ratio) - 1.0 - log_ratio, mask, "token_mean"),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None, agg: LossAgg
+) -> Tensor:
+    """Squared error to the returns, halved; with ``clip``, PPO's pessimistic clipped variant."""
+    err = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        err = torch.maximum(err, (clipped - returns) ** 2)
+    return 0.5 * aggregate(err, mask, agg)
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    # Both estimate KL(pi || pi_ref) from samples of pi; k3 is unbiased and always >= 0 (Schulman, 2020).
+    "k1": lambda logp, ref_logp: logp - ref_logp,
+    "k3": lambda logp, ref_logp: torch.exp(ref_logp - logp) - (ref_logp - logp) - 1.0,
+}

@@ -1,0 +1,66 @@
+"""The Transformer policy as an RLlib RLModule: a Hugging Face causal LM plus an optional value head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+from torch import nn
+
+from policies.columns import ATTENTION_MASK, ENTROPY, INPUT_IDS, LOGP, POSITION_IDS, RESPONSE_MASK, VALUES
+from policies.models import load_causal_lm
+
+LM_PREFIX = "lm."  # state-dict keys of the HF model inside this module: "lm." + the HF parameter name
+
+
+class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
+    """Wraps any local HF causal LM (``model_config["model_path"]``).
+
+    One forward pass over (B, P + R) token rows gives, for every response token, its log-probability, the entropy
+    of the distribution it was drawn from, and (with ``model_config["value_head"]``) the value of the state before it;
+    all (B, R). Prompt and padding positions never enter the outputs.
+    """
+
+    def setup(self) -> None:
+        self.lm = load_causal_lm(self.model_config["model_path"])
+        hidden = self.lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1) if self.model_config.get("value_head", True) else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    # The inference and exploration passes are the training pass: sampling happens in vLLM, not here.
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return self._forward_train(batch, **kwargs)
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        hidden = self._response_hidden(batch)  # (B, R, H): the state before each response token
+        logits = self.lm.get_output_embeddings()(hidden).float()  # (B, R, V)
+        logp_all = torch.log_softmax(logits, dim=-1)  # (B, R, V)
+        targets = batch[INPUT_IDS][:, -hidden.shape[1] :]  # (B, R)
+        out = {
+            LOGP: logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1),  # (B, R)
+            ENTROPY: -(logp_all.exp() * logp_all).sum(-1),  # (B, R)
+        }
+        if self.value_head is not None:
+            out[VALUES] = self.value_head(hidden.float()).squeeze(-1)  # (B, R)
+        return out
+
+    def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        if self.value_head is None:
+            raise ValueError("this policy has no value head; set policy.value_head=true for a critic")
+        return self.value_head(self._response_hidden(batch).float()).squeeze(-1)
+
+    def _response_hidden(self, batch: dict[str, Any]) -> torch.Tensor:
+        R = batch[RESPONSE_MASK].shape[1]
+        out = self.lm.base_model(
+            input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS]
+        )
+        # The hidden state at column t predicts token t + 1: the R states before the R response tokens.
+        return out.last_hidden_state[:, -R - 1 : -1]  # (B, R, H)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LM's weights under their Hugging Face names (what vLLM and ``save_pretrained`` expect)."""
+        return {k: v.detach() for k, v in self.lm.state_dict().items()}

@@ -1,0 +1,53 @@
+"""textenv: text generation as token-level Gymnasium environments.
+
+Importing the package registers every environment under the ``textenv/`` namespace::
+
+    import gymnasium as gym, textenv
+    env = gym.make("textenv/Reverse-v0")
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from textenv.config import EnvConfig, make_env
+from textenv.env import TokenEnv, replay
+from textenv.rewards import RewardContext, RewardError, RewardFn, TaskReward
+from textenv.tasks import TASKS, Task, TaskSample, make_task
+from textenv.tokenizer import CharTokenizer, HFTokenizerAdapter, Tokenizer
+
+ENV_IDS: dict[str, str] = {
+    "textenv/Reverse-v0": "reverse",
+    "textenv/SortDigits-v0": "sort_digits",
+    "textenv/Addition-v0": "addition",
+    "textenv/Count-v0": "count",
+    "textenv/Bracket-v0": "bracket",
+}
+
+
+def _register() -> None:
+    for env_id, task in ENV_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point="textenv.env:TokenEnv", kwargs={"task": task})
+
+
+_register()
+
+__all__ = [
+    "ENV_IDS",
+    "TASKS",
+    "CharTokenizer",
+    "EnvConfig",
+    "HFTokenizerAdapter",
+    "RewardContext",
+    "RewardError",
+    "RewardFn",
+    "Task",
+    "TaskReward",
+    "TaskSample",
+    "TokenEnv",
+    "Tokenizer",
+    "make_env",
+    "make_task",
+    "replay",
+]

@@ -1,0 +1,51 @@
+"""The ``env`` section of an experiment config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+
+from textenv.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Which registered environment to run, and its options."""
+
+    id: str = "textenv/Reverse-v0"
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    reward_mode: Literal["per_token", "terminal"] = "per_token"
+    reward_fn: str | None = None  # "package.module:function", called with a RewardContext at the episode's end
+    max_response_tokens: int | None = None  # default: the task's own limit
+    max_prompt_tokens: int | None = None
+    truncate_prompt: bool = False
+    on_reward_error: Literal["raise", "failure_value"] = "raise"
+
+    def __post_init__(self) -> None:
+        if not self.id.startswith("textenv/"):
+            raise ValueError(f"env.id must be a registered textenv id such as 'textenv/Reverse-v0'; got {self.id!r}")
+        if self.id not in gym.registry:
+            import textenv  # noqa: F401  (registers the ids)
+        if self.id not in gym.registry:
+            known = sorted(k for k in gym.registry if k.startswith("textenv/"))
+            raise ValueError(f"env.id {self.id!r} is not registered; known ids: {known}")
+
+
+def make_env(cfg: EnvConfig, tokenizer: Tokenizer | None = None, **extra: Any) -> gym.Env:
+    """Build the environment ``cfg`` describes (through ``gymnasium.make``)."""
+    kwargs: dict[str, Any] = dict(
+        reward_mode=cfg.reward_mode,
+        reward_fn=cfg.reward_fn,
+        max_response_tokens=cfg.max_response_tokens,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        truncate_prompt=cfg.truncate_prompt,
+        on_reward_error=cfg.on_reward_error,
+        **extra,
+    )
+    if cfg.task_kwargs:
+        kwargs["task_kwargs"] = dict(cfg.task_kwargs)
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
+    return gym.make(cfg.id, **kwargs)

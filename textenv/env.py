@@ -1,0 +1,191 @@
+"""Text generation as a Gymnasium environment whose actions are tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from textenv.rewards import RewardContext, RewardError, RewardMode, TaskReward, TerminalReward, checked_reward
+from textenv.tasks import Task, TaskSample, import_object, make_task
+from textenv.tokenizer import CharTokenizer, Tokenizer
+
+Obs = dict[str, np.ndarray]
+
+
+class TokenEnv(gym.Env[Obs, np.int64]):
+    """A prompt is the reset observation; each step appends one token; EOS or a length limit ends the episode.
+
+    Observation: ``{"tokens": int64[max_prompt_tokens + max_response_tokens], "prompt_length": int64,
+    "length": int64}``: the prompt followed by the response so far, padded with the tokenizer's pad id.
+    Action: ``Discrete(vocab_size)``, the next token id.
+    Reward: from the reward function (by default the task's verifier, per token or at the end).
+    ``terminated`` on EOS or the task's own stop condition; ``truncated`` at ``max_response_tokens``.
+
+    ``reset(options=...)`` takes ``{"sample": TaskSample}`` or ``{"prompt": str, "answer": str}`` to pose a given
+    problem instead of drawing one with ``self.np_random``.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: str | Task = "reverse",
+        task_kwargs: dict[str, Any] | None = None,
+        tokenizer: Tokenizer | None = None,
+        reward_mode: RewardMode = "per_token",
+        reward_fn: str | Callable[[RewardContext], float] | None = None,
+        max_prompt_tokens: int | None = None,
+        max_response_tokens: int | None = None,
+        truncate_prompt: bool = False,
+        on_reward_error: Literal["raise", "failure_value"] = "raise",
+        render_mode: str | None = None,
+    ) -> None:
+        self.task: Task = make_task(task, **(task_kwargs or {})) if isinstance(task, str) else task
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else CharTokenizer(self.task.alphabet)
+        if isinstance(reward_fn, str):
+            reward_fn = import_object(reward_fn, "reward_fn")
+        self.reward_fn = TerminalReward(reward_fn) if reward_fn is not None else TaskReward(reward_mode)
+        self.max_prompt_tokens = int(max_prompt_tokens or self.task.max_prompt_chars)
+        self.max_response_tokens = int(max_response_tokens or self.task.max_response_tokens)
+        if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
+            raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
+        if on_reward_error not in ("raise", "failure_value"):
+            raise ValueError(f"on_reward_error must be 'raise' or 'failure_value'; got {on_reward_error!r}")
+        self.truncate_prompt = truncate_prompt
+        self.on_reward_error = on_reward_error
+        self.render_mode = render_mode
+
+        vocab = int(self.tokenizer.vocab_size)
+        total = self.max_prompt_tokens + self.max_response_tokens
+        self.action_space = spaces.Discrete(vocab)
+        self.observation_space = spaces.Dict(
+            {
+                "tokens": spaces.Box(0, vocab - 1, shape=(total,), dtype=np.int64),
+                "prompt_length": spaces.Box(0, total, shape=(), dtype=np.int64),
+                "length": spaces.Box(0, total, shape=(), dtype=np.int64),
+            }
+        )
+        self._tokens = np.full(total, self.tokenizer.pad_token_id, dtype=np.int64)
+        self._sample: TaskSample | None = None
+        self._prompt_ids: list[int] = []
+        self._response_ids: list[int] = []
+        self._done = True
+
+    # ----------------------------------------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._sample = self._sample_from(options or {})
+        prompt_ids = self.tokenizer.encode(self._sample.prompt)
+        if len(prompt_ids) > self.max_prompt_tokens:
+            if not self.truncate_prompt:
+                raise ValueError(
+                    f"prompt {self._sample.prompt[:40]!r} has {len(prompt_ids)} tokens, more than max_prompt_tokens="
+                    f"{self.max_prompt_tokens}; raise max_prompt_tokens or set truncate_prompt=True"
+                )
+            prompt_ids = prompt_ids[-self.max_prompt_tokens :]  # keep the end, where the question is
+        self._prompt_ids, self._response_ids = prompt_ids, []
+        self._tokens.fill(self.tokenizer.pad_token_id)
+        self._tokens[: len(prompt_ids)] = prompt_ids
+        self.reward_fn.reset()
+        self._done = False
+        return self._obs(), {"prompt": self._sample.prompt, "answer": self._sample.answer}
+
+    def step(self, action: Any) -> tuple[Obs, float, bool, bool, dict[str, Any]]:
+        if self._sample is None:
+            raise RuntimeError("step() called before reset()")
+        if self._done:
+            raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset() first")
+        token = self._check_action(action)
+        self._response_ids.append(token)
+        self._tokens[len(self._prompt_ids) + len(self._response_ids) - 1] = token
+        text = self.tokenizer.decode(self._response_ids)
+        terminated = token == self.tokenizer.eos_token_id or self.task.stop(self._sample, text)
+        truncated = not terminated and len(self._response_ids) >= self.max_response_tokens
+        self._done = terminated or truncated
+        reward, info = self._reward(text), {}
+        if reward is None:
+            reward, info = self.task.failure_value, {"reward_error": True}
+        if self._done:
+            info.update(response=text, score=self.task.score(self._sample, text) if "reward_error" not in info else reward)
+        return self._obs(), reward, terminated, truncated, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._sample is None:
+            return None
+        return f"{self._sample.prompt}{self.tokenizer.decode(self._response_ids)}"
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def sample(self) -> TaskSample | None:
+        """The problem posed at the last reset."""
+        return self._sample
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids at the last reset (after truncation, if the config allows it)."""
+        return list(self._prompt_ids)
+
+    def _sample_from(self, options: dict[str, Any]) -> TaskSample:
+        if "sample" in options:
+            sample = options["sample"]
+            if not isinstance(sample, TaskSample):
+                raise TypeError(f"options['sample'] must be a textenv.TaskSample; got {type(sample).__name__}")
+            return sample
+        if "prompt" in options:
+            return TaskSample(str(options["prompt"]), str(options.get("answer", "")), options.get("metadata", {}))
+        return self.task.sample(self.np_random)
+
+    def _check_action(self, action: Any) -> int:
+        if isinstance(action, np.ndarray) and action.shape == ():
+            action = action.item()
+        if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
+            raise TypeError(f"action must be an integer token id; got {action!r} of type {type(action).__name__}")
+        if not 0 <= int(action) < self.action_space.n:
+            raise ValueError(f"action {int(action)} is outside the vocabulary Discrete({self.action_space.n})")
+        return int(action)
+
+    def _reward(self, text: str) -> float | None:
+        ctx = RewardContext(self.task, self._sample, self._prompt_ids, tuple(self._response_ids), text, self._done)
+        try:
+            return checked_reward(self.reward_fn, ctx)
+        except RewardError:
+            if self.on_reward_error == "raise":
+                raise
+            return None
+
+    def _obs(self) -> Obs:
+        return {
+            "tokens": self._tokens.copy(),
+            "prompt_length": np.array(len(self._prompt_ids), dtype=np.int64),
+            "length": np.array(len(self._prompt_ids) + len(self._response_ids), dtype=np.int64),
+        }
+
+
+def replay(env: TokenEnv, sample: TaskSample, response_ids: Sequence[int]) -> dict[str, Any]:
+    """Replay a generated response through ``env`` token by token.
+
+    Returns the per-token ``rewards`` (float32, one per replayed token), how many tokens were consumed
+    (``length``: fewer than given when the episode ends early, e.g. on the task's stop condition),
+    ``terminated``/``truncated``, the final ``score``, and ``reward_errors`` (0 or 1).
+    """
+    env.reset(options={"sample": sample})
+    rewards: list[float] = []
+    terminated = truncated = False
+    errors, info = 0, {}
+    for token in response_ids:
+        _, reward, terminated, truncated, info = env.step(int(token))
+        rewards.append(reward)
+        errors += int(info.get("reward_error", False))
+        if terminated or truncated:
+            break
+    return {
+        "rewards": np.asarray(rewards, dtype=np.float32),
+        "length": len(rewards),
+        "terminated": terminated,
+        "truncated": truncated,
+        "score": float(info.get("score", 0.0)),
+        "reward_errors": errors,
+    }

@@ -1,0 +1,214 @@
+"""Tasks: a prompt generator plus an exact verifier.
+
+A task draws :class:`TaskSample` objects from a numpy ``Generator`` and scores responses with ``score`` (the
+verifier, in [0, 1]). ``partial_score`` scores an unfinished response; the environment's per-token reward is the
+change in ``partial_score`` from one token to the next, so the per-token rewards of a finished response add up to
+exactly its final ``score`` (a potential-based shaping: it changes no optimal policy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import string
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+LOWER = string.ascii_lowercase
+DIGITS = string.digits
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    """One problem: the prompt shown to the policy, the reference answer, and free-form metadata."""
+
+    prompt: str
+    answer: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of a verifiable task. Subclasses set ``name``, ``alphabet`` and ``max_response_tokens``."""
+
+    name: str = "task"
+    alphabet: str = ""
+    max_response_tokens: int = 16
+    max_prompt_chars: int = 32
+    failure_value: float = 0.0
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        """Draw one problem using only ``rng``."""
+        raise NotImplementedError
+
+    def score(self, sample: TaskSample, response: str) -> float:
+        """Score a finished response, in [0, 1]."""
+        raise NotImplementedError
+
+    def partial_score(self, sample: TaskSample, response: str) -> float:
+        """Score of an unfinished response; by default nothing is earned before the end."""
+        return 0.0
+
+    def stop(self, sample: TaskSample, response: str) -> bool:
+        """The task's own stop condition, checked after every token (EOS and the length limit always stop)."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _positional(answer: str, response: str) -> float:
+    """Fraction of the answer's positions that the response gets right."""
+    return sum(a == b for a, b in zip(answer, response)) / len(answer)
+
+
+class _PositionalTask(Task):
+    """A task whose answer has a fixed length and earns credit position by position."""
+
+    def score(self, sample: TaskSample, response: str) -> float:
+        return _positional(sample.answer, response)
+
+    def partial_score(self, sample: TaskSample, response: str) -> float:
+        return _positional(sample.answer, response)
+
+
+class ReverseTask(_PositionalTask):
+    """Reverse a random string: ``cafhb=`` -> ``bhfac``. Reward: fraction of positions right."""
+
+    name = "reverse"
+
+    def __init__(self, length: int = 5, letters: str = "abcdefgh") -> None:
+        if length < 1 or not letters:
+            raise ValueError(f"reverse: length must be >= 1 and letters non-empty; got {length}, {letters!r}")
+        self.length, self.letters = length, letters
+        self.alphabet = letters + "="
+        self.max_response_tokens = length
+        self.max_prompt_chars = length + 1
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        s = "".join(rng.choice(list(self.letters), size=self.length))
+        return TaskSample(prompt=s + "=", answer=s[::-1])
+
+    def __repr__(self) -> str:
+        return f"ReverseTask(length={self.length}, letters={self.letters!r})"
+
+
+class SortDigitsTask(_PositionalTask):
+    """Sort random digits ascending: ``31415:`` -> ``11345``. Reward: fraction of positions right."""
+
+    name = "sort_digits"
+
+    def __init__(self, length: int = 5) -> None:
+        if length < 1:
+            raise ValueError(f"sort_digits: length must be >= 1; got {length}")
+        self.length = length
+        self.alphabet = DIGITS + ":"
+        self.max_response_tokens = length
+        self.max_prompt_chars = length + 1
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        digits = "".join(rng.choice(list(DIGITS), size=self.length))
+        return TaskSample(prompt=digits + ":", answer="".join(sorted(digits)))
+
+
+class AdditionTask(Task):
+    """Add two numbers of ``digits`` digits: ``12+34=`` -> ``46`` then EOS. Reward: 1 for the exact sum."""
+
+    name = "addition"
+
+    def __init__(self, digits: int = 2) -> None:
+        if digits < 1:
+            raise ValueError(f"addition: digits must be >= 1; got {digits}")
+        self.digits = digits
+        self.alphabet = DIGITS + "+="
+        self.max_response_tokens = digits + 2  # the sum has at most digits+1 characters, then EOS
+        self.max_prompt_chars = 2 * digits + 2
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        hi = 10**self.digits
+        a, b = (int(x) for x in rng.integers(0, hi, size=2))
+        return TaskSample(prompt=f"{a}+{b}=", answer=str(a + b), metadata={"a": a, "b": b})
+
+    def score(self, sample: TaskSample, response: str) -> float:
+        return float(response.strip() == sample.answer)
+
+
+class CountTask(Task):
+    """Count a letter in a string: ``abcab,a=`` -> ``2``. Reward: 1 for the exact count."""
+
+    name = "count"
+
+    def __init__(self, length: int = 8, letters: str = "abc") -> None:
+        if length < 1 or len(letters) < 1:
+            raise ValueError(f"count: length must be >= 1 and letters non-empty; got {length}, {letters!r}")
+        self.length, self.letters = length, letters
+        self.alphabet = letters + DIGITS + ",="
+        self.max_response_tokens = len(str(length)) + 1
+        self.max_prompt_chars = length + 3
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        s = "".join(rng.choice(list(self.letters), size=self.length))
+        target = str(rng.choice(list(self.letters)))
+        return TaskSample(prompt=f"{s},{target}=", answer=str(s.count(target)), metadata={"letter": target})
+
+    def score(self, sample: TaskSample, response: str) -> float:
+        return float(response.strip() == sample.answer)
+
+
+class BracketTask(Task):
+    """Follow a format: wrap the word in parentheses, ``cab!`` -> ``(cab)``.
+
+    Reward: 0.5 for the format (starts with ``(`` and ends with ``)``) plus 0.5 for the exact content. The task stops
+    the episode itself at the closing parenthesis.
+    """
+
+    name = "bracket"
+
+    def __init__(self, length: int = 3, letters: str = "abcdefgh") -> None:
+        if length < 1 or not letters:
+            raise ValueError(f"bracket: length must be >= 1 and letters non-empty; got {length}, {letters!r}")
+        self.length, self.letters = length, letters
+        self.alphabet = letters + "!()"
+        self.max_response_tokens = length + 3
+        self.max_prompt_chars = length + 1
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        s = "".join(rng.choice(list(self.letters), size=self.length))
+        return TaskSample(prompt=s + "!", answer=f"({s})")
+
+    def score(self, sample: TaskSample, response: str) -> float:
+        fmt = response.startswith("(") and response.endswith(")") and len(response) >= 2
+        return 0.5 * fmt + 0.5 * (response == sample.answer)
+
+    def stop(self, sample: TaskSample, response: str) -> bool:
+        return response.endswith(")")
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    cls.name: cls for cls in (ReverseTask, SortDigitsTask, AdditionTask, CountTask, BracketTask)
+}
+
+
+def import_object(path: str, what: str) -> Any:
+    """Import ``package.module:attribute``; the error names ``what`` and the path."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {path!r} is not an import path of the form 'package.module:name'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{what} {path!r} cannot be imported: {err}") from None
+
+
+def make_task(name: str, **kwargs: Any) -> Task:
+    """A built-in task by name (``reverse``, ``sort_digits``, ...) or a user task by import path ``pkg.mod:Cls``."""
+    factory = TASKS.get(name) or (import_object(name, "task") if ":" in name else None)
+    if factory is None:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}, or give 'package.module:Class'")
+    try:
+        task = factory(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"task {name!r} rejected its arguments {kwargs}: {err}") from None
+    if not isinstance(task, Task):
+        raise ValueError(f"task {name!r} built {type(task).__name__}, which is not a textenv.tasks.Task")
+    return task

@@ -1,0 +1,78 @@
+"""The tokenizer protocol textenv needs, and a dependency-free character-level tokenizer.
+
+textenv never imports a tokenizer library: anything with ``encode``/``decode``, a ``vocab_size`` and an
+``eos_token_id`` works, including a Hugging Face tokenizer wrapped in :class:`HFTokenizerAdapter`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<eos>"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What an environment needs from a tokenizer."""
+
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without special tokens."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, special tokens dropped."""
+        ...
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet; id 0 is ``<pad>`` and id 1 is ``<eos>``.
+
+    The same vocabulary is saved as a Hugging Face tokenizer by ``policies.models.build_char_tokenizer``, so the
+    environment, the learner and vLLM agree on every id.
+    """
+
+    def __init__(self, alphabet: str) -> None:
+        chars = list(dict.fromkeys(alphabet))  # de-duplicate, keep order
+        if not chars:
+            raise ValueError("CharTokenizer needs a non-empty alphabet")
+        self.vocab: list[str] = [PAD_TOKEN, EOS_TOKEN, *chars]
+        self._ids = {tok: i for i, tok in enumerate(self.vocab)}
+        self.pad_token_id = 0
+        self.eos_token_id = 1
+        self.vocab_size = len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[ch] for ch in text]
+        except KeyError as err:
+            raise ValueError(
+                f"character {err.args[0]!r} in {text!r} is not in the tokenizer alphabet {''.join(self.vocab[2:])!r}"
+            ) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.vocab[i] for i in ids if i > 1)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(alphabet={''.join(self.vocab[2:])!r})"
+
+
+class HFTokenizerAdapter:
+    """Presents a Hugging Face tokenizer (or anything with the same methods) as a :class:`Tokenizer`."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._tok = hf_tokenizer
+        self.vocab_size = len(hf_tokenizer)
+        self.eos_token_id = int(hf_tokenizer.eos_token_id)
+        pad = hf_tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else hf_tokenizer.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))

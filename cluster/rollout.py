@@ -217,4 +217,6 @@ def unwrap_ray_errors(fn: Any) -> Any:
     except ray.exceptions.RayTaskError as err:
         raise err.as_instanceof_cause() from None
     except ray.exceptions.RayActorError as err:
-        raise RuntimeError(f"a rollout actor died: {str(err).splitlines()[0]}") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1] if lines else "")
+        raise RuntimeError(f"a Ray actor died: {cause}") from None

@@ -48,8 +48,10 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         if isinstance(reward_fn, str):
             reward_fn = import_object(reward_fn, "reward_fn")
         self.reward_fn = TerminalReward(reward_fn) if reward_fn is not None else TaskReward(reward_mode)
-        self.max_prompt_tokens = int(max_prompt_tokens or self.task.max_prompt_chars)
-        self.max_response_tokens = int(max_response_tokens or self.task.max_response_tokens)
+        self.max_prompt_tokens = int(self.task.max_prompt_chars if max_prompt_tokens is None else max_prompt_tokens)
+        self.max_response_tokens = int(
+            self.task.max_response_tokens if max_response_tokens is None else max_response_tokens
+        )
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
         if on_reward_error not in ("raise", "failure_value"):

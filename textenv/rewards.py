@@ -80,7 +80,8 @@ class TerminalReward:
 
 def checked_reward(fn: Callable[[RewardContext], float], ctx: RewardContext) -> float:
     """Call ``fn`` and insist on a finite float; the error names the task, the function and the sample."""
-    where = f"reward function {getattr(fn, '__qualname__', type(fn).__name__)} of task {ctx.task.name!r}"
+    named = fn.fn if isinstance(fn, TerminalReward) else fn  # name the user's function, not the wrapper
+    where = f"reward function {getattr(named, '__qualname__', type(named).__name__)} of task {ctx.task.name!r}"
     try:
         value = fn(ctx)
     except Exception as err:  # noqa: BLE001 - re-raised with the context a user needs

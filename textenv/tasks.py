@@ -59,6 +59,8 @@ class Task:
 
 def _positional(answer: str, response: str) -> float:
     """Fraction of the answer's positions that the response gets right."""
+    if not answer:  # e.g. reset(options={"prompt": ...}) without an answer
+        return 0.0
     return sum(a == b for a, b in zip(answer, response)) / len(answer)
 
 

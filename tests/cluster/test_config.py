@@ -1,0 +1,98 @@
+"""The typed config: YAML + overrides -> ExperimentConfig, and one-line errors before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, build_config, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_loads_and_matches_the_issue() -> None:
+    cfg = load_config()
+    assert cfg.env.id == "textenv/Reverse-v0" and cfg.env.task_kwargs == {"length": 5, "letters": "abcdefgh"}
+    assert cfg.policy.arch == "llama" and cfg.policy.model_path is None and cfg.policy.value_head
+    assert (cfg.algorithm.advantage, cfg.algorithm.objective) == ("gae", "ppo_clip")
+    assert cfg.rollout.num_actors >= 2
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(DEFAULT_CONFIG, ["algorithm.lr=1e-3", "rollout.num_actors=3", "name=x", "cluster.address=auto"])
+    assert cfg.algorithm.lr == 1e-3 and isinstance(cfg.algorithm.lr, float)
+    assert cfg.rollout.num_actors == 3 and cfg.name == "x" and cfg.cluster.address == "auto"
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(DEFAULT_CONFIG, ["iterations=7"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"algorithm": {"lrr": 1}}, "unknown key 'algorithm.lrr'"),
+        ({"nope": 1}, "unknown key 'nope'"),
+        ({"algorithm": {"lr": "fast"}}, "algorithm.lr must be a number; got 'fast'"),
+        ({"rollout": {"num_actors": 1.5}}, "rollout.num_actors must be an integer"),
+        ({"policy": {"value_head": "yes"}}, "policy.value_head must be true or false"),
+        ({"algorithm": {"loss_agg": "sum"}}, "algorithm.loss_agg must be one of"),
+        ({"algorithm": {"advantage": "magic"}}, "algorithm.advantage must be one of"),
+        ({"algorithm": {"advantage": "grpo"}}, "samples_per_prompt must be >= 2 for grpo"),
+        ({"policy": {"value_head": False}}, "needs a critic: set policy.value_head=true"),
+        ({"rollout": {"prompts_per_iteration": 100}}, "must be divisible by"),
+        ({"env": {"id": "textenv/Nope-v0"}}, "env.id 'textenv/Nope-v0' is not registered"),
+        ({"rollout": 3}, "rollout must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(raw, source="exp.yaml")
+    text = str(err.value)
+    assert text.startswith("exp.yaml: ") and message in text and "\n" not in text
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithm: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(DEFAULT_CONFIG, ["algorithm.lr"])
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "algorithm.lrr=1"], "unknown key 'algorithm.lrr'"),
+        (["train", "rollout.num_actors=two"], "rollout.num_actors must be an integer"),
+        (["train", "no/such/file.yaml"], "config file 'no/such/file.yaml' does not exist"),
+        (["train", "policy.model_path=/no/such/model"], "policy.model_path '/no/such/model' is not a local Hugging Face"),
+        (["train", "--resume", "/no/such/run"], "no config.yaml there"),
+    ],
+)
+def test_cli_bad_input_is_one_line_before_ray(args: list[str], needle: str, tmp_path: Path) -> None:
+    result = _cli(*args, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tokengym: error: ") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "ray" not in result.stdout.lower()
+
+
+def test_every_shipped_config_loads() -> None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert isinstance(cfg, ExperimentConfig), path
+        assert yaml.safe_load(path.read_text())  # not empty

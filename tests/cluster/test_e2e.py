@@ -1,0 +1,102 @@
+"""Whole (shortened) runs through the CLI: Ray, vLLM rollout actors, an RLlib learner, W&B offline, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.checkpoint import latest_checkpoint, read_state
+from cluster.tracking import read_metrics
+from tests.wandb_log import read_history
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
+REPO = Path(__file__).resolve().parents[2]
+REQUIRED = [
+    "iteration", "reward/mean", "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl",
+    "timing/iteration_s", "timing/rollout_s", "timing/update_s", "timing/weight_sync_s",
+    "throughput/rollout_tokens_per_s", "weights/version", "rollout/logprob_gap",
+]
+
+
+def tokengym(*args: str, runs: Path, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_API_KEY", None)
+    cmd = [sys.executable, "-m", "cluster.cli", *args, f"runs_dir={runs}", "tracking.progress_bar=false"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def only_run(runs: Path) -> Path:
+    dirs = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None:
+    result = tokengym("train", "iterations=30", "checkpoint_every=10", "name=e2e", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    rows = read_metrics(run)
+
+    assert [r["iteration"] for r in rows] == list(range(1, 31))
+    for key in REQUIRED:
+        assert all(key in r and r[key] is not None for r in rows), key
+    first, last = rows[0]["reward/mean"], sum(r["reward/mean"] for r in rows[-3:]) / 3
+    assert first <= 0.3, first
+    assert last >= first + 0.2, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    # Every rollout batch carries the version the learner had just pushed; one push per update.
+    assert [r["weights/version"] for r in rows] == list(range(2, 32))
+    assert max(r["rollout/logprob_gap"] for r in rows) < 1e-3
+
+    # The run directory: resolved config, checkpoints (atomic: no temporaries), the W&B offline run.
+    assert (run / "config.yaml").is_file() and (run / "policy_init" / "config.json").is_file()
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt is not None and read_state(ckpt)["iteration"] == 30
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    history = read_history(run)
+    assert [h["iteration"] for h in history] == list(range(1, 31))
+    for row, logged in zip(rows, history):
+        assert logged["_step"] == row["iteration"]
+        for key in REQUIRED:
+            assert logged[key] == pytest.approx(row[key], rel=1e-9), key
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "iterations=10", "checkpoint_every=3", "name=kill",
+           f"runs_dir={tmp_path}", "tracking.progress_bar=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:
+        runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+        ckpt = latest_checkpoint(runs[0] / "checkpoints") if runs else None
+        if ckpt is not None and read_state(ckpt)["iteration"] >= 6:
+            break
+        time.sleep(0.2)
+    assert ckpt is not None and proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the hard case
+    proc.wait()
+    run = only_run(tmp_path)
+    killed_at = read_state(latest_checkpoint(run / "checkpoints"))["iteration"]
+    before = read_metrics(run)
+    assert len(before) >= killed_at
+
+    result = tokengym("train", "--resume", str(run), runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [r["iteration"] for r in rows] == list(range(1, 11)), "each iteration once, counter continued"
+    assert rows[:killed_at] == before[:killed_at], "history up to the checkpoint is kept as it was"
+    # The learner restarted from the checkpoint's weights: versions continue, and the policy did not reset.
+    assert rows[killed_at]["weights/version"] == killed_at + 2
+    assert rows[killed_at]["reward/mean"] > rows[0]["reward/mean"]
+    assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 10
+    assert json.loads((run / "checkpoints" / "iter_000010" / "state.json").read_text())["wandb_id"] == (
+        run / "wandb_id").read_text().strip()

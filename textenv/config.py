@@ -15,6 +15,7 @@ class EnvConfig:
     """Which registered environment to run, and its options."""
 
     id: str = "textenv/Reverse-v0"
+    task: str | None = None  # a built-in task name or "package.module:Class", replacing the id's own task
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     reward_mode: Literal["per_token", "terminal"] = "per_token"
     reward_fn: str | None = None  # "package.module:function", called with a RewardContext at the episode's end
@@ -31,6 +32,8 @@ class EnvConfig:
         if self.id not in gym.registry:
             known = sorted(k for k in gym.registry if k.startswith("textenv/"))
             raise ValueError(f"env.id {self.id!r} is not registered; known ids: {known}")
+        if self.id == "textenv/Custom-v0" and self.task is None:
+            raise ValueError("env.id 'textenv/Custom-v0' needs env.task: a built-in task name or 'package.module:Class'")
 
 
 def make_env(cfg: EnvConfig, tokenizer: Tokenizer | None = None, **extra: Any) -> gym.Env:
@@ -44,6 +47,8 @@ def make_env(cfg: EnvConfig, tokenizer: Tokenizer | None = None, **extra: Any) -
         on_reward_error=cfg.on_reward_error,
         **extra,
     )
+    if cfg.task is not None:
+        kwargs["task"] = cfg.task
     if cfg.task_kwargs:
         kwargs["task_kwargs"] = dict(cfg.task_kwargs)
     if tokenizer is not None:

@@ -32,7 +32,7 @@ class TokenEnv(gym.Env[Obs, np.int64]):
 
     def __init__(
         self,
-        task: str | Task = "reverse",
+        task: str | Task | None = None,
         task_kwargs: dict[str, Any] | None = None,
         tokenizer: Tokenizer | None = None,
         reward_mode: RewardMode = "per_token",
@@ -43,6 +43,8 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         on_reward_error: Literal["raise", "failure_value"] = "raise",
         render_mode: str | None = None,
     ) -> None:
+        if task is None:
+            raise ValueError("TokenEnv needs a task: a built-in name such as 'reverse', 'package.module:Class', or a Task")
         self.task: Task = make_task(task, **(task_kwargs or {})) if isinstance(task, str) else task
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else CharTokenizer(self.task.alphabet)
         if isinstance(reward_fn, str):

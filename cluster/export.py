@@ -1,0 +1,36 @@
+"""``tokengym export``: a run's latest policy as a Hugging Face model directory (safetensors, config, tokenizer)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cluster.checkpoint import latest_checkpoint
+from cluster.config import ConfigError, load_config
+from policies.learner import MODULE_ID
+
+
+def export_policy(run_dir: Path, out: Path) -> Path:
+    """Write the policy of ``run_dir``'s latest checkpoint to ``out``; loadable by ``transformers`` and vLLM."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from cluster.run import prepare_policy
+
+    checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if checkpoint is None:
+        raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint to export (is it a tokengym run directory?)")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    module = RLModule.from_checkpoint(str((checkpoint / "learner" / "learner" / "rl_module" / MODULE_ID).resolve()))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.lm.save_pretrained(tmp, safe_serialization=True)
+    source = prepare_policy(cfg, Path(run_dir))  # the tokenizer the run trained with
+    from policies.models import load_tokenizer
+
+    load_tokenizer(source).save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

@@ -25,7 +25,7 @@ def export_policy(run_dir: Path, out: Path) -> Path:
     module = RLModule.from_checkpoint(str((checkpoint / "learner" / "learner" / "rl_module" / MODULE_ID).resolve()))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.lm.save_pretrained(tmp, safe_serialization=True)
+    module.merged_hf_model().save_pretrained(tmp, safe_serialization=True)  # LoRA adapters folded in
     source = prepare_policy(cfg, Path(run_dir))  # the tokenizer the run trained with
     from policies.models import load_tokenizer
 

@@ -127,11 +127,14 @@ class VLLMRolloutActor:
             "score": np.zeros(N, np.float32), "terminated": np.zeros(N, bool),
         }
         generated = reward_errors = 0
+        replay_s = 0.0
         for n, o in enumerate(outputs):
             prompt, completion = prompts[n // samples_per_prompt], o.outputs[0]
             tokens = list(completion.token_ids)
             generated += len(tokens)
+            r0 = time.perf_counter()
             ep = replay(env, samples[n // samples_per_prompt], tokens)
+            replay_s += time.perf_counter() - r0
             L = ep["length"]  # the environment may end the episode before vLLM stopped
             out["prompt_ids"][n, P - len(prompt) :] = prompt
             out["prompt_length"][n] = len(prompt)
@@ -143,7 +146,8 @@ class VLLMRolloutActor:
             out["terminated"][n] = ep["terminated"]
             reward_errors += ep["reward_errors"]
         out.update(
-            weights_version=self.weights_version, generate_s=t1 - t0, replay_s=time.perf_counter() - t1,
+            weights_version=self.weights_version, generate_s=t1 - t0, replay_s=replay_s,
+            postprocess_s=time.perf_counter() - t1,
             generated_tokens=generated, reward_errors=reward_errors,
             examples=[(samples[0].prompt, env.tokenizer.decode(out["response_ids"][0, : out["response_length"][0]]))],
         )
@@ -196,6 +200,7 @@ class RolloutGroup:
             reward_errors=sum(p["reward_errors"] for p in parts),
             generate_s=max(p["generate_s"] for p in parts),
             replay_s=max(p["replay_s"] for p in parts),
+            postprocess_s=max(p["postprocess_s"] for p in parts),
             examples=[e for p in parts for e in p["examples"]],
         )
         return merged

@@ -23,9 +23,8 @@ from policies.columns import (
     ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
     RETURNS, REWARDS, SAMPLING_LOGP,
 )
-from policies.learner import MODULE_ID, build_learner_group
+from policies.learner import MODULE_ID, build_learner_group, hf_weights
 from policies.losses import KL_ESTIMATORS
-from policies.rl_module import LM_PREFIX
 
 
 @contextmanager
@@ -69,7 +68,7 @@ class Trainer:
         with timed(t, "advantages"):
             adv_metrics = self.add_advantages(batch)
         with timed(t, "update"):
-            losses = self.update(batch)
+            losses = self.update(batch, iteration)
         with timed(t, "weight_sync"):
             self.sync_weights()
         t["timing/iteration_s"] = time.perf_counter() - start
@@ -112,15 +111,17 @@ class Trainer:
             metrics["losses/explained_variance"] = float(1 - (returns[m] - values[m]).var() / var) if var > 0 else 0.0
         return metrics
 
-    def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    def update(self, batch: dict[str, np.ndarray], iteration: int) -> dict[str, float]:
         """The RLlib LearnerGroup update: num_epochs x minibatches, shuffled, sharded over the learners."""
         from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+        from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
         algo = self.cfg.algorithm
         n = len(batch[RESPONSE_MASK])
         mab = MultiAgentBatch({MODULE_ID: SampleBatch(batch)}, env_steps=n)
         results = unwrap_ray_errors(lambda: self.learners.update(
             batch=mab, num_epochs=algo.num_epochs, minibatch_size=algo.minibatch_size, shuffle_batch_per_epoch=True,
+            timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: iteration},  # the clock of algorithm.lr_schedule
         ))
         stats = results[0][MODULE_ID]
         names = {"policy_loss": "policy_loss", "value_loss": "value_loss", "entropy": "entropy",
@@ -132,8 +133,7 @@ class Trainer:
 
     def sync_weights(self) -> None:
         """Push the learners' weights into every vLLM engine and bump the version the next rollouts must carry."""
-        state = self.learners.get_weights()[MODULE_ID]
-        hf = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in state.items() if k.startswith(LM_PREFIX)}
+        hf = hf_weights(self.learners.get_weights()[MODULE_ID], self.cfg.policy)
         self.weights_version += 1
         self.rollouts.load_weights(hf, self.weights_version)
 
@@ -187,5 +187,6 @@ def rollout_metrics(rollouts: dict[str, Any], batch: dict[str, np.ndarray], t: d
         "rollout/logprob_gap": float(np.abs(batch[SAMPLING_LOGP] - batch[OLD_LOGP])[mask > 0].mean()),
         "timing/generate_s": float(rollouts["generate_s"]),
         "timing/replay_s": float(rollouts["replay_s"]),
+        "timing/postprocess_s": float(rollouts["postprocess_s"]),
         "throughput/rollout_tokens_per_s": rollouts["generated_tokens"] / max(t["timing/rollout_s"], 1e-9),
     }

@@ -20,10 +20,24 @@ class PolicyConfig:
     num_heads: int = 4
     intermediate_size: int = 256
     value_head: bool = True  # a linear value head on the last hidden state (actor-critic)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of the full model
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # default: every linear layer of the transformer blocks
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"policy.lora_rank must be >= 0 (0 turns LoRA off); got {self.lora_rank}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"policy.hidden_size ({self.hidden_size}) must be divisible by policy.num_heads ({self.num_heads})")
+
+
+    def lora_spec(self) -> dict | None:
+        """What the RLModule needs to wrap the model with LoRA (None: full fine-tuning)."""
+        if self.lora_rank == 0:
+            return None
+        return {"r": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": self.lora_target_modules}
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class AlgorithmConfig:
     advantage: str = "gae"  # gae | grpo | rloo | reinforce
     objective: str = "ppo_clip"  # ppo_clip | vanilla_pg
     lr: float = 3e-4
+    lr_schedule: list[list[float]] | None = None  # [[iteration, lr], ...] piecewise linear from iteration 0
     adam_eps: float = 1e-5
     num_epochs: int = 4
     minibatch_size: int = 64
@@ -44,6 +59,9 @@ class AlgorithmConfig:
     lam: float = 0.95
     normalize_advantages: bool = True
     grad_clip: float | None = 1.0
+    micro_batch_tokens: int | None = None  # gradient accumulation: split each minibatch into micro-batches of
+    #                                        at most this many (padded) tokens; the gradient is unchanged
+    bf16: bool = True  # bf16 autocast for the forward pass on GPU learners (CPU learners run float32)
     loss_agg: LossAgg = "token_mean"
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
     kl_estimator: Literal["k1", "k3"] = "k3"
@@ -61,5 +79,13 @@ class AlgorithmConfig:
                 raise ValueError(f"algorithm.{name} must be > 0; got {getattr(self, name)}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"algorithm.gamma and algorithm.lam must lie in [0, 1]; got {self.gamma}, {self.lam}")
+        if self.lr_schedule is not None:
+            steps = [pair[0] for pair in self.lr_schedule]
+            if any(len(pair) != 2 for pair in self.lr_schedule) or steps[:1] != [0] or steps != sorted(steps):
+                raise ValueError(
+                    f"algorithm.lr_schedule must be [[0, lr0], [iteration, lr], ...] with rising iterations; got {self.lr_schedule}"
+                )
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"algorithm.micro_batch_tokens must be >= 1 or null; got {self.micro_batch_tokens}")
         if self.kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef must be >= 0; got {self.kl_coef}")

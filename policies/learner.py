@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -11,14 +12,13 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.typing import ModuleID
 
-from policies.advantages import masked_mean
 from policies.columns import (
-    ADVANTAGES, ENTROPY, LOGP, OLD_LOGP, OLD_VALUES, REF_LOGP, RESPONSE_MASK, RETURNS, VALUES,
+    ADVANTAGES, ENTROPY, INPUT_IDS, LOGP, OLD_LOGP, OLD_VALUES, REF_LOGP, RESPONSE_MASK, RETURNS, VALUES,
 )
 from policies.config import AlgorithmConfig, PolicyConfig
-from policies.losses import KL_ESTIMATORS, OBJECTIVES, value_loss
+from policies.losses import KL_ESTIMATORS, OBJECTIVES, aggregate, value_loss
 from policies.models import load_causal_lm
-from policies.rl_module import TransformerPolicyRLModule
+from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule
 
 MODULE_ID = "default_policy"
 
@@ -39,9 +39,70 @@ class TokenPolicyLearner(TorchLearner):
             self._ref_lm.requires_grad_(False)
 
     def configure_optimizers_for_module(self, module_id: ModuleID, config: RLlibAlgorithmConfig = None) -> None:
-        params = self.get_parameters(self._module[module_id])
+        params = [p for p in self.get_parameters(self._module[module_id]) if p.requires_grad]  # LoRA: adapters only
         optimizer = torch.optim.Adam(params, eps=config.algo.adam_eps)
-        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr)
+        schedule = [list(pair) for pair in config.algo.lr_schedule] if config.algo.lr_schedule else config.lr
+        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=schedule)
+
+    def _uncompiled_update(self, batch: dict[str, Any], **kwargs: Any) -> tuple[Any, Any, Any]:
+        """One optimizer step on a minibatch: split into micro-batches by token budget, gradients accumulated.
+
+        Each micro-batch's loss is weighted by its share of the minibatch (tokens for ``token_mean``, sequences for
+        ``seq_mean``), so the accumulated gradient equals the gradient of the whole minibatch. Under DDP only the last
+        backward all-reduces.
+        """
+        micro = self._micro_batches(batch)
+        if len(micro) == 1 and not self._autocast_enabled():
+            return super()._uncompiled_update(batch, **kwargs)
+        self._compute_off_policyness(batch)
+        for optim in self._optimizer_parameters:
+            optim.zero_grad(set_to_none=True)
+        fwd_out = loss_per_module = None
+        for i, (mb, weight) in enumerate(micro):
+            with contextlib.ExitStack() as stack:
+                if self.config.num_learners > 1 and i < len(micro) - 1:
+                    self._enter_no_sync(stack)
+                with self._autocast():
+                    fwd_out = self.module.forward_train(mb)
+                loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=mb)
+                (sum(loss_per_module.values()) * weight).backward()
+        gradients = {pid: p.grad for pid, p in self._params.items()}
+        with contextlib.ExitStack() as stack:
+            if self.config.num_learners > 1:
+                self._enter_no_sync(stack)
+            self.apply_gradients(self.postprocess_gradients(gradients))
+        return fwd_out, loss_per_module, {}
+
+    def _enter_no_sync(self, stack: contextlib.ExitStack) -> None:
+        for mod in self.module.values():  # DDP-wrapped modules: skip the gradient all-reduce for this backward
+            if isinstance(mod, torch.nn.Module) and hasattr(mod, "no_sync"):
+                stack.enter_context(mod.no_sync())
+
+    def _micro_batches(self, batch: dict[str, Any]) -> list[tuple[dict[str, Any], float]]:
+        budget = self.config.algo.micro_batch_tokens
+        cols = batch[MODULE_ID]
+        B, L = cols[INPUT_IDS].shape
+        if budget is None or B * L <= budget:
+            return [(batch, 1.0)]
+        rows = max(1, budget // L)
+        mask = cols[RESPONSE_MASK]
+        per_seq = self.config.algo.loss_agg == "seq_mean"
+        total = float((mask.sum(1) > 0).sum() if per_seq else mask.sum())
+        out = []
+        for start in range(0, B, rows):
+            part = {k: v[start : start + rows] for k, v in cols.items()}
+            m = part[RESPONSE_MASK]
+            share = float((m.sum(1) > 0).sum() if per_seq else m.sum()) / max(total, 1.0)
+            out.append(({MODULE_ID: part}, share))
+        return out
+
+    def _autocast_enabled(self) -> bool:
+        return self.config.algo.bf16 and self._device is not None and torch.device(self._device).type == "cuda"
+
+    def _autocast(self) -> Any:
+        if self._autocast_enabled():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def compute_loss_for_module(
         self, *, module_id: ModuleID, config: RLlibAlgorithmConfig, batch: dict[str, Any], fwd_out: dict[str, Any]
@@ -52,7 +113,7 @@ class TokenPolicyLearner(TorchLearner):
         pg_loss, stats = OBJECTIVES[algo.objective](
             logp, batch[OLD_LOGP], batch[ADVANTAGES], mask, algo.clip_ratio, algo.loss_agg
         )
-        entropy = masked_mean(fwd_out[ENTROPY], mask)
+        entropy = aggregate(fwd_out[ENTROPY], mask, algo.loss_agg)
         loss = pg_loss - algo.entropy_coef * entropy
         metrics = {"policy_loss": pg_loss, "entropy": entropy, **stats}
         if VALUES in fwd_out:
@@ -60,7 +121,7 @@ class TokenPolicyLearner(TorchLearner):
             loss = loss + algo.vf_coef * vf_loss
             metrics["value_loss"] = vf_loss
         if algo.kl_coef > 0 and algo.kl_in == "loss":
-            kl = masked_mean(KL_ESTIMATORS[algo.kl_estimator](logp, batch[REF_LOGP]), mask)
+            kl = aggregate(KL_ESTIMATORS[algo.kl_estimator](logp, batch[REF_LOGP]), mask, algo.loss_agg)
             loss = loss + algo.kl_coef * kl
             metrics["kl_ref"] = kl
         self.metrics.log_dict({k: float(v.detach()) for k, v in metrics.items()}, key=module_id, reduce="mean")
@@ -108,14 +169,26 @@ def response_logp(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return torch.log_softmax(logits, -1).gather(-1, batch[INPUT_IDS][:, -R:].unsqueeze(-1)).squeeze(-1)
 
 
+def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig) -> dict[str, np.ndarray]:
+    """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes."""
+    lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
+    if policy.lora_rank == 0:
+        return lm
+    from policies.lora import merge_lora_state
+
+    return merge_lora_state(lm, policy.lora_alpha / policy.lora_rank)
+
+
 class TokenGymRLlibConfig(RLlibAlgorithmConfig):
     """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
 
-    def __init__(self, algo: AlgorithmConfig | None = None, policy_model_path: str | None = None, value_head: bool = True):
+    def __init__(self, algo: AlgorithmConfig | None = None, policy_model_path: str | None = None, value_head: bool = True,
+                 lora: dict | None = None):
         super().__init__()
         self.algo = algo or AlgorithmConfig()
         self.policy_model_path = policy_model_path
         self.value_head = value_head
+        self.lora = lora
 
     def get_default_learner_class(self) -> type[TokenPolicyLearner]:
         return TokenPolicyLearner
@@ -128,7 +201,7 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
             # The spaces are nominal: the module reads token rows, not RLlib observations.
             observation_space=gym.spaces.Box(0, 1, (1,), np.float32),
             action_space=gym.spaces.Discrete(2),
-            model_config={"model_path": self.policy_model_path, "value_head": self.value_head},
+            model_config={"model_path": self.policy_model_path, "value_head": self.value_head, "lora": self.lora},
         )
 
 
@@ -136,7 +209,8 @@ def build_learner_group(
     algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float
 ) -> Any:
     """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process)."""
-    cfg = TokenGymRLlibConfig(algo=algo, policy_model_path=model_path, value_head=policy.value_head)
+    cfg = TokenGymRLlibConfig(algo=algo, policy_model_path=model_path, value_head=policy.value_head,
+                              lora=policy.lora_spec())
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

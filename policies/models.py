@@ -12,8 +12,11 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
 
 from textenv.tokenizer import EOS_TOKEN, PAD_TOKEN, CharTokenizer
+
+transformers_logging.disable_progress_bar()  # per-file loading bars for 300k-parameter models are noise
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 

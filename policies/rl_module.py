@@ -25,7 +25,12 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
 
     def setup(self) -> None:
         self.lm = load_causal_lm(self.model_config["model_path"])
-        hidden = self.lm.config.get_text_config().hidden_size
+        self.lora = self.model_config.get("lora")
+        if self.lora is not None:
+            from policies.lora import wrap_with_lora
+
+            self.lm = wrap_with_lora(self.lm, self.lora)
+        hidden = self.hf_model.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1) if self.model_config.get("value_head", True) else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)
@@ -37,7 +42,7 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         hidden = self._response_hidden(batch)  # (B, R, H): the state before each response token
-        logits = self.lm.get_output_embeddings()(hidden).float()  # (B, R, V)
+        logits = self.hf_model.get_output_embeddings()(hidden).float()  # (B, R, V)
         logp_all = torch.log_softmax(logits, dim=-1)  # (B, R, V)
         targets = batch[INPUT_IDS][:, -hidden.shape[1] :]  # (B, R)
         out = {
@@ -55,12 +60,21 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
 
     def _response_hidden(self, batch: dict[str, Any]) -> torch.Tensor:
         R = batch[RESPONSE_MASK].shape[1]
-        out = self.lm.base_model(
+        out = self.hf_model.base_model(
             input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS]
         )
         # The hidden state at column t predicts token t + 1: the R states before the R response tokens.
         return out.last_hidden_state[:, -R - 1 : -1]  # (B, R, H)
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LM's weights under their Hugging Face names (what vLLM and ``save_pretrained`` expect)."""
-        return {k: v.detach() for k, v in self.lm.state_dict().items()}
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The Hugging Face model (inside peft's wrapper when LoRA is on; the adapters act in place)."""
+        return self.lm.get_base_model() if self.lora is not None else self.lm
+
+    def merged_hf_model(self) -> torch.nn.Module:
+        """A plain HF model with the adapters folded in (the model itself when LoRA is off)."""
+        if self.lora is None:
+            return self.lm
+        import copy
+
+        return copy.deepcopy(self.lm).merge_and_unload()

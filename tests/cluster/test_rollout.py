@@ -125,3 +125,37 @@ def test_logprob_gap_per_architecture(ray_session, arch: str, tmp_path: Path) ->
     logp, batch = learner_logp(model_dir, out)
     mask = batch[RESPONSE_MASK] > 0
     assert np.abs(logp - batch[SAMPLING_LOGP])[mask].mean() < 1e-3
+
+
+def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: Path) -> None:
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    from policies.columns import ADVANTAGES, OLD_VALUES, RETURNS
+    from policies.learner import hf_weights
+
+    policy = PolicyConfig(lora_rank=4, lora_alpha=16.0)
+    learner = build_learner_group(AlgorithmConfig(lr=5e-2), policy, str(tiny_model_dir), 0, 0)
+    out = group.sample(16, 1, seed=2, version=0)
+    batch = build_batch(out)
+    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
+    _, stats = list(learner.foreach_learner(lambda lr: lr.rollout_stats(inputs, 64)))[0].get()
+    batch.update(stats)
+    mask = batch[RESPONSE_MASK]
+    batch[ADVANTAGES] = (np.random.default_rng(0).standard_normal(mask.shape) * mask).astype(np.float32)
+    batch[RETURNS], batch[OLD_VALUES] = mask.copy(), np.zeros_like(mask)
+    learner.update(batch=MultiAgentBatch({MODULE_ID: SampleBatch(batch)}, env_steps=16), num_epochs=3, minibatch_size=16)
+
+    group.load_weights(hf_weights(learner.get_weights()[MODULE_ID], policy), version=1)
+    try:
+        after = group.sample(16, 1, seed=2, version=1)
+        b2 = build_batch(after)
+        inputs = {k: b2[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
+        _, s2 = list(learner.foreach_learner(lambda lr: lr.rollout_stats(inputs, 64)))[0].get()
+        m = b2[RESPONSE_MASK] > 0
+        assert not np.allclose(after["sampling_logp"], out["sampling_logp"])  # the adapters changed the policy
+        assert np.abs(s2[OLD_LOGP] - b2[SAMPLING_LOGP])[m].mean() < 1e-3  # and vLLM runs exactly the merged model
+    finally:
+        base = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 0)
+        group.load_weights(hf_weights(base.get_weights()[MODULE_ID], PolicyConfig()), version=0)
+        base.shutdown()
+        learner.shutdown()

@@ -1,0 +1,44 @@
+"""LoRA through peft: wrapping the policy, and merging adapters into plain weights for vLLM and export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+PEFT_PREFIX = "base_model.model."
+
+
+def wrap_with_lora(lm: torch.nn.Module, spec: dict[str, Any]) -> torch.nn.Module:
+    """``lm`` as a peft model with LoRA adapters; only the adapters are trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("policy.lora_rank > 0 needs peft: pip install 'tokengym[lora]'") from None
+    config = LoraConfig(
+        r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+        target_modules=spec["target_modules"] or "all-linear", bias="none",
+    )
+    return get_peft_model(lm, config)
+
+
+def merge_lora_state(state: dict[str, np.ndarray], scaling: float) -> dict[str, np.ndarray]:
+    """Hugging Face weights with every adapter folded in: ``W + scaling * B @ A`` under the base model's names.
+
+    ``state`` is the peft model's state dict (names under ``base_model.model.``, with ``.base_layer.weight`` and
+    ``.lora_A.<adapter>.weight`` / ``.lora_B.<adapter>.weight``); names without adapters pass through unchanged.
+    """
+    merged: dict[str, np.ndarray] = {}
+    adapters: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in state.items():
+        name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        if ".lora_A." in name or ".lora_B." in name:
+            layer, kind = name.split(".lora_")[0], name.split(".lora_")[1][0]
+            adapters.setdefault(layer, {})[kind] = np.asarray(value)
+        else:
+            merged[name.replace(".base_layer.", ".")] = np.asarray(value)
+    for layer, ab in adapters.items():
+        key = f"{layer}.weight"
+        merged[key] = (merged[key] + scaling * (ab["B"] @ ab["A"])).astype(merged[key].dtype)
+    return merged

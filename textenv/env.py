@@ -98,6 +98,11 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         return self._obs(), {"prompt": self._sample.prompt, "answer": self._sample.answer}
 
     def step(self, action: Any) -> tuple[Obs, float, bool, bool, dict[str, Any]]:
+        reward, terminated, truncated, info = self.advance(action)
+        return self._obs(), reward, terminated, truncated, info
+
+    def advance(self, action: Any) -> tuple[float, bool, bool, dict[str, Any]]:
+        """``step`` without building the observation (what :func:`replay` uses): reward, terminated, truncated, info."""
         if self._sample is None:
             raise RuntimeError("step() called before reset()")
         if self._done:
@@ -114,7 +119,7 @@ class TokenEnv(gym.Env[Obs, np.int64]):
             reward, info = self.task.failure_value, {"reward_error": True}
         if self._done:
             info.update(response=text, score=self.task.score(self._sample, text) if "reward_error" not in info else reward)
-        return self._obs(), reward, terminated, truncated, info
+        return reward, terminated, truncated, info
 
     def render(self) -> str | None:
         if self.render_mode != "ansi" or self._sample is None:
@@ -180,7 +185,7 @@ def replay(env: TokenEnv, sample: TaskSample, response_ids: Sequence[int]) -> di
     terminated = truncated = False
     errors, info = 0, {}
     for token in response_ids:
-        _, reward, terminated, truncated, info = env.step(int(token))
+        reward, terminated, truncated, info = env.advance(int(token))
         rewards.append(reward)
         errors += int(info.get("reward_error", False))
         if terminated or truncated:

@@ -62,17 +62,35 @@ class CharTokenizer:
 
 
 class HFTokenizerAdapter:
-    """Presents a Hugging Face tokenizer (or anything with the same methods) as a :class:`Tokenizer`."""
+    """Presents a Hugging Face tokenizer (or anything with the same methods) as a :class:`Tokenizer`.
 
-    def __init__(self, hf_tokenizer: Any) -> None:
+    A fast tokenizer is called through its Rust backend (several times faster than the Python wrapper: replay calls
+    ``decode`` once per token), and prompt encodings are cached (the same prompt is encoded once per group).
+    """
+
+    def __init__(self, hf_tokenizer: Any, cache_size: int = 4096) -> None:
         self._tok = hf_tokenizer
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         self.vocab_size = len(hf_tokenizer)
         self.eos_token_id = int(hf_tokenizer.eos_token_id)
         pad = hf_tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else hf_tokenizer.eos_token_id)
+        self._cache: dict[str, list[int]] = {}
+        self._cache_size = cache_size
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
+        ids = self._cache.get(text)
+        if ids is None:
+            if self._backend is not None:
+                ids = list(self._backend.encode(text, add_special_tokens=False).ids)
+            else:
+                ids = list(self._tok.encode(text, add_special_tokens=False))
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[text] = ids
+        return list(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return str(self._backend.decode(list(ids), skip_special_tokens=True))
         return str(self._tok.decode(list(ids), skip_special_tokens=True))

@@ -67,10 +67,10 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
         make_env(cfg.env)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"env: {err}") from None
-    if cfg.policy.model_path is not None and not (Path(cfg.policy.model_path) / "config.json").is_file():
-        raise ConfigError(
-            f"policy.model_path {cfg.policy.model_path!r} is not a local Hugging Face model directory (no config.json)"
-        )
+    for key in ("model_path", "critic_model_path"):
+        path = getattr(cfg.policy, key)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"policy.{key} {path!r} is not a local Hugging Face model directory (no config.json)")
 
 
 def init_ray(cfg: ExperimentConfig) -> None:

@@ -19,7 +19,10 @@ class PolicyConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    value_head: bool = True  # a linear value head on the last hidden state (actor-critic)
+    value_head: bool = True  # a critic (actor-critic); False for critic-free algorithms
+    critic: Literal["value_head", "separate"] = "value_head"  # value_head: a linear head on the policy's last
+    #   hidden state; separate: a linear head on its own transformer (policy.critic_model_path or the policy's weights)
+    critic_model_path: str | None = None
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of the full model
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -61,7 +64,7 @@ class AlgorithmConfig:
     grad_clip: float | None = 1.0
     micro_batch_tokens: int | None = None  # gradient accumulation: split each minibatch into micro-batches of
     #                                        at most this many (padded) tokens; the gradient is unchanged
-    bf16: bool = True  # bf16 autocast for the forward pass on GPU learners (CPU learners run float32)
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast the forward pass to bf16; auto: on GPU learners only
     loss_agg: LossAgg = "token_mean"
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
     kl_estimator: Literal["k1", "k3"] = "k3"

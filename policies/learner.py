@@ -96,12 +96,16 @@ class TokenPolicyLearner(TorchLearner):
             out.append(({MODULE_ID: part}, share))
         return out
 
+    def _device_type(self) -> str:
+        return torch.device(self._device).type if self._device is not None else "cpu"
+
     def _autocast_enabled(self) -> bool:
-        return self.config.algo.bf16 and self._device is not None and torch.device(self._device).type == "cuda"
+        mode = self.config.algo.bf16
+        return mode == "on" or (mode == "auto" and self._device_type() == "cuda")
 
     def _autocast(self) -> Any:
         if self._autocast_enabled():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self._device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def compute_loss_for_module(
@@ -182,13 +186,12 @@ def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig) -> dic
 class TokenGymRLlibConfig(RLlibAlgorithmConfig):
     """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
 
-    def __init__(self, algo: AlgorithmConfig | None = None, policy_model_path: str | None = None, value_head: bool = True,
-                 lora: dict | None = None):
+    def __init__(self, algo: AlgorithmConfig | None = None, policy: PolicyConfig | None = None,
+                 policy_model_path: str | None = None):
         super().__init__()
         self.algo = algo or AlgorithmConfig()
+        self.policy = policy or PolicyConfig()
         self.policy_model_path = policy_model_path
-        self.value_head = value_head
-        self.lora = lora
 
     def get_default_learner_class(self) -> type[TokenPolicyLearner]:
         return TokenPolicyLearner
@@ -201,7 +204,10 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
             # The spaces are nominal: the module reads token rows, not RLlib observations.
             observation_space=gym.spaces.Box(0, 1, (1,), np.float32),
             action_space=gym.spaces.Discrete(2),
-            model_config={"model_path": self.policy_model_path, "value_head": self.value_head, "lora": self.lora},
+            model_config={
+                "model_path": self.policy_model_path, "value_head": self.policy.value_head, "lora": self.policy.lora_spec(),
+                "critic": self.policy.critic, "critic_model_path": self.policy.critic_model_path or self.policy_model_path,
+            },
         )
 
 
@@ -209,8 +215,7 @@ def build_learner_group(
     algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float
 ) -> Any:
     """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process)."""
-    cfg = TokenGymRLlibConfig(algo=algo, policy_model_path=model_path, value_head=policy.value_head,
-                              lora=policy.lora_spec())
+    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path)
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

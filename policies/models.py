@@ -78,6 +78,11 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+def load_backbone(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformer body (no LM head) of a local causal-LM directory: a separate critic's trunk."""
+    return load_causal_lm(model_dir, dtype).base_model
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     """Load the tokenizer saved beside a model."""
     return AutoTokenizer.from_pretrained(Path(model_dir))

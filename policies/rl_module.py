@@ -30,8 +30,15 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
             from policies.lora import wrap_with_lora
 
             self.lm = wrap_with_lora(self.lm, self.lora)
-        hidden = self.hf_model.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1) if self.model_config.get("value_head", True) else None
+        self.critic_body = None
+        has_critic = self.model_config.get("value_head", True)
+        if has_critic and self.model_config.get("critic", "value_head") == "separate":
+            from policies.models import load_backbone
+
+            self.critic_body = load_backbone(self.model_config["critic_model_path"])
+        critic_config = (self.critic_body or self.hf_model).config
+        hidden = critic_config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1) if has_critic else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -50,19 +57,19 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
             ENTROPY: -(logp_all.exp() * logp_all).sum(-1),  # (B, R)
         }
         if self.value_head is not None:
-            out[VALUES] = self.value_head(hidden.float()).squeeze(-1)  # (B, R)
+            critic_hidden = hidden if self.critic_body is None else self._response_hidden(batch, self.critic_body)
+            out[VALUES] = self.value_head(critic_hidden.float()).squeeze(-1)  # (B, R)
         return out
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
         if self.value_head is None:
             raise ValueError("this policy has no value head; set policy.value_head=true for a critic")
-        return self.value_head(self._response_hidden(batch).float()).squeeze(-1)
+        return self.value_head(self._response_hidden(batch, self.critic_body).float()).squeeze(-1)
 
-    def _response_hidden(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _response_hidden(self, batch: dict[str, Any], body: torch.nn.Module | None = None) -> torch.Tensor:
         R = batch[RESPONSE_MASK].shape[1]
-        out = self.hf_model.base_model(
-            input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS]
-        )
+        body = body if body is not None else self.hf_model.base_model
+        out = body(input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS])
         # The hidden state at column t predicts token t + 1: the R states before the R response tokens.
         return out.last_hidden_state[:, -R - 1 : -1]  # (B, R, H)
 

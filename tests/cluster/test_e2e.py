@@ -100,3 +100,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 10
     assert json.loads((run / "checkpoints" / "iter_000010" / "state.json").read_text())["wandb_id"] == (
         run / "wandb_id").read_text().strip()
+
+
+@pytest.mark.parametrize("config", ["grpo", "reinforce"])
+def test_critic_free_configs_learn(config: str, tmp_path: Path) -> None:
+    result = tokengym("train", f"configs/{config}.yaml", "iterations=15", "tracking.wandb=false", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(only_run(tmp_path))
+    assert len(rows) == 15 and all("losses/value_loss" in r for r in rows)
+    first, last = rows[0]["reward/mean"], sum(r["reward/mean"] for r in rows[-3:]) / 3
+    assert last >= first + 0.06, f"{config}: reward did not rise: {first:.3f} -> {last:.3f}"

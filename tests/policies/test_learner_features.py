@@ -99,3 +99,52 @@ def test_reference_policy_is_frozen_and_loaded_only_for_kl(tiny_model_dir: Path,
     for k, v in group._learner._ref_lm.state_dict().items():
         torch.testing.assert_close(v, ref_before[k], rtol=0, atol=0)  # the reference never trains
     group.shutdown()
+
+
+def test_separate_critic_has_its_own_transformer(tiny_model_dir: Path) -> None:
+    policy = PolicyConfig(critic="separate")
+    group = build_learner_group(AlgorithmConfig(lr=1e-3), policy, str(tiny_model_dir), 0, 0)
+    module = group._learner.module[MODULE_ID]
+    assert module.critic_body is not None and module.critic_body is not module.hf_model.base_model
+    batch = prepared_batch(group)
+    with torch.no_grad():
+        t = {k: torch.from_numpy(v) for k, v in batch.items()}
+        body = module.critic_body(input_ids=t[INPUT_IDS], attention_mask=t[ATTENTION_MASK],
+                                  position_ids=t[POSITION_IDS]).last_hidden_state[:, -6:-1]
+        expected = module.value_head(body).squeeze(-1)
+        torch.testing.assert_close(module.forward_train(t)["vf_preds"], expected)
+    before = group.get_weights()[MODULE_ID]
+    one_step(group, batch)
+    one_step(group, batch)  # the value head starts at zero, so the critic's trunk gets gradient from step 2
+    after = group.get_weights()[MODULE_ID]
+    critic_keys = [k for k in before if k.startswith("critic_body.")]
+    assert critic_keys and any(not np.array_equal(before[k], after[k]) for k in critic_keys)
+    from policies.learner import hf_weights
+
+    assert not any("critic" in k or "value_head" in k for k in hf_weights(after, policy))  # vLLM gets the policy only
+    group.shutdown()
+
+
+def test_bf16_autocast_runs_the_same_update_approximately(tiny_model_dir: Path) -> None:
+    fp32 = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    bf16 = build_learner_group(AlgorithmConfig(bf16="on"), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    assert bf16._learner._autocast_enabled() and not fp32._learner._autocast_enabled()  # auto: GPU only
+    batch = prepared_batch(fp32)
+    with bf16._learner._autocast(), torch.no_grad():
+        low = bf16._learner.module[MODULE_ID].forward_train({k: torch.from_numpy(v) for k, v in batch.items()})
+    mask = batch[RESPONSE_MASK] > 0
+    assert low["action_logp"].dtype == torch.float32  # log-softmax is taken in float32 on bf16 logits
+    np.testing.assert_allclose(low["action_logp"].numpy()[mask], batch[OLD_LOGP][mask], atol=0.1)
+    s32, s16 = one_step(fp32, batch), one_step(bf16, batch)
+    assert float(s16["policy_loss"]) == pytest.approx(float(s32["policy_loss"]), abs=0.02)
+    fp32.shutdown()
+    bf16.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_learner_uses_bf16_autocast(tiny_model_dir: Path) -> None:
+    group = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 1)
+    assert group._learner._autocast_enabled()
+    one_step(group, prepared_batch(group))
+    group.shutdown()

@@ -7,6 +7,7 @@ type against the dataclasses. Errors are :class:`ConfigError` with one line nami
 from __future__ import annotations
 
 import dataclasses
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,41 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    """An optional reward model: a local Hugging Face sequence-classification directory, run as its own Ray actor.
+
+    At the end of each episode the last token's reward gains ``weight`` x the model's score of ``template`` (filled
+    with ``{prompt}``, ``{response}`` and optionally ``{answer}``): the probability of class ``label`` (an index or
+    a name from the model's ``id2label``), or the raw output of a regression head (one output; ``label`` unused).
+    """
+
+    path: str | None = None  # None: no reward model
+    label: int | str = 1
+    template: str = "{prompt}{response}"
+    batch_size: int = 64  # texts per forward pass
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_gpus: float = 0.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"reward_model.batch_size must be >= 1; got {self.batch_size}")
+        if self.num_gpus < 0:
+            raise ValueError(f"reward_model.num_gpus must be >= 0; got {self.num_gpus}")
+        if isinstance(self.label, int) and self.label < 0:
+            raise ValueError(f"reward_model.label must be a class index >= 0 or a label name; got {self.label}")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"reward_model.template {self.template!r} is not a format string: {err}") from None
+        if "response" not in fields or fields - {"prompt", "response", "answer"}:
+            raise ValueError(
+                f"reward_model.template must contain {{response}} and may use only {{prompt}} and {{answer}} besides; "
+                f"got {self.template!r}"
+            )
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Weights & Biases and the console."""
 
@@ -89,6 +125,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """vLLM rollout actors: each owns one vLLM engine and one textenv environment.
 
 An actor samples whole responses with vLLM (token ids and their sampling log-probabilities), then replays every
-response through the environment token by token for the per-token rewards. New policy weights arrive by
+response through the environment token by token for the per-token rewards; a batched terminal reward (a reward
+model) scores all of a call's responses at once. New policy weights arrive by
 ``load_weights`` with a version number; ``sample`` refuses to run with weights older than the caller expects.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from textenv import EnvConfig, HFTokenizerAdapter, TokenEnv, make_env, replay
+from textenv import BatchRewardFn, EnvConfig, HFTokenizerAdapter, TokenEnv, make_env, replay, score_pending
 
 
 class StaleWeightsError(RuntimeError):
@@ -37,9 +38,15 @@ class EngineOptions:
 
 
 class VLLMRolloutActor:
-    """A Ray actor (wrapped with ``ray.remote`` by :class:`RolloutGroup`) owning a vLLM engine and an environment."""
+    """A Ray actor (wrapped with ``ray.remote`` by :class:`RolloutGroup`) owning a vLLM engine and an environment.
 
-    def __init__(self, index: int, env_cfg: EnvConfig, engine: EngineOptions) -> None:
+    ``batch_reward`` (e.g. a reward model's :class:`cluster.reward_model.RewardModelReward`) is added to the
+    environment's reward at the end of each episode, scored once per ``sample`` call for all its responses.
+    """
+
+    def __init__(
+        self, index: int, env_cfg: EnvConfig, engine: EngineOptions, batch_reward: BatchRewardFn | None = None
+    ) -> None:
         # In-process engine (starts in seconds, not tens of seconds); this actor is its own process already.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
@@ -54,7 +61,9 @@ class VLLMRolloutActor:
             gpu_memory_utilization=engine.gpu_memory_utilization,
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
-        self.env: TokenEnv = make_env(env_cfg, tokenizer=self.tokenizer, disable_env_checker=True).unwrapped
+        self.env: TokenEnv = make_env(
+            env_cfg, tokenizer=self.tokenizer, batch_reward=batch_reward, disable_env_checker=True
+        ).unwrapped
         self.weights_version = 0
         self._weight_names = self._engine_weight_names(engine.model_dir)
         self.sample(4, 1, seed=0, expected_version=0)  # warm-up: the first generate call is slow
@@ -126,15 +135,16 @@ class VLLMRolloutActor:
             "sampling_logp": np.zeros((N, R), np.float32), "rewards": np.zeros((N, R), np.float32),
             "score": np.zeros(N, np.float32), "terminated": np.zeros(N, bool),
         }
+        episodes = [replay(env, samples[n // samples_per_prompt], o.outputs[0].token_ids, defer=True)
+                    for n, o in enumerate(outputs)]
+        t2 = time.perf_counter()
+        score_pending(env, episodes)  # one call for every batched terminal reward (a reward model); else nothing
+        t3 = time.perf_counter()
         generated = reward_errors = 0
-        replay_s = 0.0
-        for n, o in enumerate(outputs):
+        for n, (o, ep) in enumerate(zip(outputs, episodes)):
             prompt, completion = prompts[n // samples_per_prompt], o.outputs[0]
             tokens = list(completion.token_ids)
             generated += len(tokens)
-            r0 = time.perf_counter()
-            ep = replay(env, samples[n // samples_per_prompt], tokens)
-            replay_s += time.perf_counter() - r0
             L = ep["length"]  # the environment may end the episode before vLLM stopped
             out["prompt_ids"][n, P - len(prompt) :] = prompt
             out["prompt_length"][n] = len(prompt)
@@ -146,7 +156,7 @@ class VLLMRolloutActor:
             out["terminated"][n] = ep["terminated"]
             reward_errors += ep["reward_errors"]
         out.update(
-            weights_version=self.weights_version, generate_s=t1 - t0, replay_s=replay_s,
+            weights_version=self.weights_version, generate_s=t1 - t0, replay_s=t2 - t1, batch_reward_s=t3 - t2,
             postprocess_s=time.perf_counter() - t1,
             generated_tokens=generated, reward_errors=reward_errors,
             examples=[(samples[0].prompt, env.tokenizer.decode(out["response_ids"][0, : out["response_length"][0]]))],
@@ -164,11 +174,14 @@ class VLLMRolloutActor:
 class RolloutGroup:
     """The rollout actors of a run, started on Ray and driven together."""
 
-    def __init__(self, num_actors: int, env_cfg: EnvConfig, engine: EngineOptions, num_gpus_per_actor: float) -> None:
+    def __init__(
+        self, num_actors: int, env_cfg: EnvConfig, engine: EngineOptions, num_gpus_per_actor: float,
+        batch_reward: BatchRewardFn | None = None,
+    ) -> None:
         import ray
 
         actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_actor)(VLLMRolloutActor)
-        self.actors = [actor_cls.remote(i, env_cfg, engine) for i in range(num_actors)]
+        self.actors = [actor_cls.remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)]
         self.info = unwrap_ray_errors(lambda: ray.get([a.ready.remote() for a in self.actors]))
 
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
@@ -200,6 +213,7 @@ class RolloutGroup:
             reward_errors=sum(p["reward_errors"] for p in parts),
             generate_s=max(p["generate_s"] for p in parts),
             replay_s=max(p["replay_s"] for p in parts),
+            batch_reward_s=max(p["batch_reward_s"] for p in parts),
             postprocess_s=max(p["postprocess_s"] for p in parts),
             examples=[e for p in parts for e in p["examples"]],
         )

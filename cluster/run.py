@@ -71,6 +71,26 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
         path = getattr(cfg.policy, key)
         if path is not None and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"policy.{key} {path!r} is not a local Hugging Face model directory (no config.json)")
+    if cfg.reward_model.path is not None:
+        check_reward_model(cfg.reward_model.path, cfg.reward_model.label)
+
+
+def check_reward_model(path: str, label: int | str) -> None:
+    """The reward-model directory exists and ``label`` is one of its classes (reads only its config.json)."""
+    from transformers import AutoConfig
+
+    from cluster.reward_model import check_model_dir, resolve_label
+
+    try:
+        model_config = AutoConfig.from_pretrained(check_model_dir(path))
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"reward_model.path {path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+    try:
+        resolve_label(model_config, label, path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
@@ -84,7 +104,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
         runtime_env={"env_vars": env_vars},
     )
     if cfg.cluster.address is None:  # a local Ray sized for every actor and learner
-        kwargs["num_cpus"] = cfg.cluster.num_cpus or cfg.rollout.num_actors + cfg.cluster.num_learners + 1
+        actors = cfg.rollout.num_actors + int(cfg.reward_model.path is not None)  # the scorer is an actor of its own
+        kwargs["num_cpus"] = cfg.cluster.num_cpus or actors + cfg.cluster.num_learners + 1
     ray.init(address=cfg.cluster.address, **kwargs)
 
 

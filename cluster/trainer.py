@@ -17,6 +17,7 @@ import torch
 
 from cluster.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from cluster.config import ExperimentConfig
+from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError, unwrap_ray_errors
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
 from policies.columns import (
@@ -51,7 +52,12 @@ class Trainer:
             kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed,
         )
-        self.rollouts = RolloutGroup(cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor)
+        # The reward model starts first: every rollout actor's environment calls it.
+        self.reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
+        self.rollouts = RolloutGroup(
+            cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor,
+            batch_reward=self.reward_model.reward if self.reward_model is not None else None,
+        )
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> dict[str, Any]:
@@ -152,17 +158,25 @@ class Trainer:
 
     def shutdown(self) -> None:
         self.rollouts.shutdown()
+        if self.reward_model is not None:
+            self.reward_model.shutdown()
         self.learners.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------- batch helpers
 def build_batch(rollouts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Token rows for the learner: the prompt left-padded and the response right-padded, (B, P + R)."""
+    """Token rows for the learner: the prompt left-padded and the response right-padded, (B, P + R).
+
+    ``RESPONSE_MASK`` marks the action tokens (all generated tokens, or, with ``rollouts["action_mask"]``, only the
+    policy's tokens of a multi-turn episode); the attention mask covers every real token.
+    """
     prompt_ids, response_ids = rollouts["prompt_ids"], rollouts["response_ids"]
     (B, P), R = prompt_ids.shape, response_ids.shape[1]
     prompt_mask = np.arange(P)[None, :] >= (P - rollouts["prompt_length"])[:, None]  # (B, P)
-    response_mask = np.arange(R)[None, :] < rollouts["response_length"][:, None]  # (B, R)
-    attention = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int64)  # (B, P + R)
+    real = np.arange(R)[None, :] < rollouts["response_length"][:, None]  # (B, R) generated or replied tokens
+    # Actions are the tokens the policy chose; a multi-turn environment's replies are context, not actions.
+    response_mask = real & rollouts["action_mask"].astype(bool) if "action_mask" in rollouts else real
+    attention = np.concatenate([prompt_mask, real], axis=1).astype(np.int64)  # (B, P + R)
     positions = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
     return {
         INPUT_IDS: np.concatenate([prompt_ids, response_ids], axis=1),
@@ -187,6 +201,7 @@ def rollout_metrics(rollouts: dict[str, Any], batch: dict[str, np.ndarray], t: d
         "rollout/logprob_gap": float(np.abs(batch[SAMPLING_LOGP] - batch[OLD_LOGP])[mask > 0].mean()),
         "timing/generate_s": float(rollouts["generate_s"]),
         "timing/replay_s": float(rollouts["replay_s"]),
+        "timing/batch_reward_s": float(rollouts["batch_reward_s"]),
         "timing/postprocess_s": float(rollouts["postprocess_s"]),
         "throughput/rollout_tokens_per_s": rollouts["generated_tokens"] / max(t["timing/rollout_s"], 1e-9),
     }

@@ -44,29 +44,38 @@ def register_advantage(name: str, *, needs_critic: bool = False) -> Callable[[Ad
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """Reward-to-go ``G_t = r_t + gamma * G_{t+1}`` over response tokens, (B, R)."""
+    """Reward-to-go ``G_t = r_t + gamma * G_{t'}`` over response tokens, (B, R).
+
+    ``t'`` is the next action token: positions where ``mask`` is 0 (padding, or a multi-turn environment's reply
+    between two turns) are not steps and are skipped, not discounted.
+    """
     rewards = rewards * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         out[:, t] = running
     return out * mask
 
 
 @register_advantage("gae", needs_critic=True)
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, p: AdvantageParams) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation; the episode ends after the last response token (no bootstrap)."""
+    """Generalised advantage estimation over action tokens; the episode ends after the last one (no bootstrap).
+
+    Positions where ``mask`` is 0 are not steps: after the end they contribute nothing, and between two turns of a
+    multi-turn episode (the environment's reply) the recursion passes over them to the next action token.
+    """
     rewards, values = rewards * mask, values * mask
     adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    R = rewards.shape[1]
-    for t in reversed(range(R)):
-        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+    last = torch.zeros_like(rewards[:, 0])  # the advantage of the next action token
+    next_value = torch.zeros_like(last)  # the value of the next action token's state
+    for t in reversed(range(rewards.shape[1])):
+        step = mask[:, t] > 0
         delta = rewards[:, t] + p.gamma * next_value - values[:, t]
-        last = delta + p.gamma * p.lam * last
-        adv[:, t] = last
-    adv = adv * mask
+        here = delta + p.gamma * p.lam * last
+        adv[:, t] = torch.where(step, here, torch.zeros_like(here))
+        last = torch.where(step, here, last)
+        next_value = torch.where(step, values[:, t], next_value)
     return adv, (adv + values) * mask
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import gymnasium as gym
 
 from textenv.config import EnvConfig, make_env
-from textenv.env import TokenEnv, replay
+from textenv.env import TokenEnv, replay, score_pending
 from textenv.file_task import DataFileError, FileTask
-from textenv.rewards import RewardContext, RewardError, RewardFn, TaskReward
-from textenv.tasks import TASKS, Task, TaskSample, make_task
+from textenv.rewards import BatchRewardFn, DeferredReward, RewardContext, RewardError, RewardFn, TaskReward
+from textenv.tasks import TASKS, MultiTurnTask, Task, TaskSample, make_task
 from textenv.tokenizer import CharTokenizer, HFTokenizerAdapter, Tokenizer
 
 ENV_IDS: dict[str, str] = {
@@ -23,6 +23,7 @@ ENV_IDS: dict[str, str] = {
     "textenv/Addition-v0": "addition",
     "textenv/Count-v0": "count",
     "textenv/Bracket-v0": "bracket",
+    "textenv/GuessNumber-v0": "guess_number",  # multi-turn: the environment answers each guess
 }
 
 
@@ -41,14 +42,17 @@ _register()
 __all__ = [
     "ENV_IDS",
     "TASKS",
+    "BatchRewardFn",
     "CharTokenizer",
     "DataFileError",
+    "DeferredReward",
     "EnvConfig",
     "FileTask",
     "HFTokenizerAdapter",
     "RewardContext",
     "RewardError",
     "RewardFn",
+    "MultiTurnTask",
     "Task",
     "TaskReward",
     "TaskSample",
@@ -57,4 +61,5 @@ __all__ = [
     "make_env",
     "make_task",
     "replay",
+    "score_pending",
 ]

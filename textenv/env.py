@@ -8,8 +8,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from textenv.rewards import RewardContext, RewardError, RewardMode, TaskReward, TerminalReward, checked_reward
-from textenv.tasks import Task, TaskSample, import_object, make_task
+from textenv.rewards import (
+    BatchRewardFn, DeferredReward, RewardContext, RewardError, RewardMode, build_reward, checked_reward,
+)
+from textenv.tasks import MultiTurnTask, Task, TaskSample, import_object, make_task
 from textenv.tokenizer import CharTokenizer, Tokenizer
 
 Obs = dict[str, np.ndarray]
@@ -21,7 +23,8 @@ class TokenEnv(gym.Env[Obs, np.int64]):
     Observation: ``{"tokens": int64[max_prompt_tokens + max_response_tokens], "prompt_length": int64,
     "length": int64}``: the prompt followed by the response so far, padded with the tokenizer's pad id.
     Action: ``Discrete(vocab_size)``, the next token id.
-    Reward: from the reward function (by default the task's verifier, per token or at the end).
+    Reward: from the reward function (by default the task's verifier, per token or at the end); ``batch_reward``
+    (an object with ``score_batch``, e.g. a reward model) adds a batched terminal reward on top.
     ``terminated`` on EOS or the task's own stop condition; ``truncated`` at ``max_response_tokens``.
 
     ``reset(options=...)`` takes ``{"sample": TaskSample}`` or ``{"prompt": str, "answer": str}`` to pose a given
@@ -36,7 +39,8 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         task_kwargs: dict[str, Any] | None = None,
         tokenizer: Tokenizer | None = None,
         reward_mode: RewardMode = "per_token",
-        reward_fn: str | Callable[[RewardContext], float] | None = None,
+        reward_fn: str | Callable[[RewardContext], float] | BatchRewardFn | None = None,
+        batch_reward: BatchRewardFn | None = None,
         max_prompt_tokens: int | None = None,
         max_response_tokens: int | None = None,
         truncate_prompt: bool = False,
@@ -49,7 +53,7 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else CharTokenizer(self.task.alphabet)
         if isinstance(reward_fn, str):
             reward_fn = import_object(reward_fn, "reward_fn")
-        self.reward_fn = TerminalReward(reward_fn) if reward_fn is not None else TaskReward(reward_mode)
+        self.reward_fn = build_reward(reward_fn, reward_mode, batch_reward)
         self.max_prompt_tokens = int(self.task.max_prompt_chars if max_prompt_tokens is None else max_prompt_tokens)
         self.max_response_tokens = int(
             self.task.max_response_tokens if max_response_tokens is None else max_response_tokens
@@ -70,9 +74,14 @@ class TokenEnv(gym.Env[Obs, np.int64]):
                 "tokens": spaces.Box(0, vocab - 1, shape=(total,), dtype=np.int64),
                 "prompt_length": spaces.Box(0, total, shape=(), dtype=np.int64),
                 "length": spaces.Box(0, total, shape=(), dtype=np.int64),
+                # 1 where the policy chose the token (an action); 0 for the prompt, the environment's replies, padding
+                "action_mask": spaces.Box(0, 1, shape=(total,), dtype=np.int8),
             }
         )
         self._tokens = np.full(total, self.tokenizer.pad_token_id, dtype=np.int64)
+        self._action_mask = np.zeros(total, dtype=np.int8)
+        self._turn_end_id = self._single_token(self.task.turn_end) if isinstance(self.task, MultiTurnTask) else None
+        self._turns = 0
         self._sample: TaskSample | None = None
         self._prompt_ids: list[int] = []
         self._response_ids: list[int] = []
@@ -93,6 +102,8 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         self._prompt_ids, self._response_ids = prompt_ids, []
         self._tokens.fill(self.tokenizer.pad_token_id)
         self._tokens[: len(prompt_ids)] = prompt_ids
+        self._action_mask.fill(0)
+        self._turns = 0
         self.reward_fn.reset()
         self._done = False
         return self._obs(), {"prompt": self._sample.prompt, "answer": self._sample.answer}
@@ -101,22 +112,31 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         reward, terminated, truncated, info = self.advance(action)
         return self._obs(), reward, terminated, truncated, info
 
-    def advance(self, action: Any) -> tuple[float, bool, bool, dict[str, Any]]:
-        """``step`` without building the observation (what :func:`replay` uses): reward, terminated, truncated, info."""
+    def advance(self, action: Any, defer: bool = False) -> tuple[float, bool, bool, dict[str, Any]]:
+        """``step`` without building the observation (what :func:`replay` uses): reward, terminated, truncated, info.
+
+        With ``defer``, a batched terminal reward is left out of the last reward and ``info["pending"]`` holds the
+        episode's final :class:`RewardContext` for the caller to score (see :func:`score_pending`).
+        """
         if self._sample is None:
             raise RuntimeError("step() called before reset()")
         if self._done:
             raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset() first")
         token = self._check_action(action)
-        self._response_ids.append(token)
-        self._tokens[len(self._prompt_ids) + len(self._response_ids) - 1] = token
+        self._append(token, is_action=True)
         text = self.tokenizer.decode(self._response_ids)
         terminated = token == self.tokenizer.eos_token_id or self.task.stop(self._sample, text)
+        info: dict[str, Any] = {}
+        if not terminated and token == self._turn_end_id:  # a multi-turn task answers the policy's turn
+            terminated, text, info = self._env_turn(text)
         truncated = not terminated and len(self._response_ids) >= self.max_response_tokens
         self._done = terminated or truncated
-        reward, info = self._reward(text), {}
+        reward, pending = self._reward(text, defer)
+        if pending is not None:
+            info["pending"] = pending
         if reward is None:
-            reward, info = self.task.failure_value, {"reward_error": True}
+            reward = self.task.failure_value
+            info["reward_error"] = True
         if self._done:
             info.update(response=text, score=self.task.score(self._sample, text) if "reward_error" not in info else reward)
         return reward, terminated, truncated, info
@@ -147,6 +167,34 @@ class TokenEnv(gym.Env[Obs, np.int64]):
             return TaskSample(str(options["prompt"]), str(options.get("answer", "")), options.get("metadata", {}))
         return self.task.sample(self.np_random)
 
+    def _append(self, token: int, is_action: bool) -> None:
+        self._response_ids.append(token)
+        position = len(self._prompt_ids) + len(self._response_ids) - 1
+        self._tokens[position] = token
+        self._action_mask[position] = int(is_action)
+
+    def _env_turn(self, text: str) -> tuple[bool, str, dict[str, Any]]:
+        """The environment's reply to a finished policy turn, appended as observation tokens that are not actions."""
+        self._turns += 1
+        reply = self.task.reply(self._sample, text, self._turns)
+        if reply is None or self._turns >= self.task.max_turns:
+            return True, text, {"turns": self._turns}
+        reply_ids = self.tokenizer.encode(reply)[: self.max_response_tokens - len(self._response_ids)]
+        for token in reply_ids:
+            self._append(token, is_action=False)
+        return False, self.tokenizer.decode(self._response_ids), {"env_tokens": reply_ids, "turns": self._turns}
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"task {self.task.name!r}: turn_end {text!r} must be one token; the tokenizer gives {ids}")
+        return ids[0]
+
+    @property
+    def turn_end_id(self) -> int | None:
+        """The token that ends a policy turn in a multi-turn task (None for single-turn tasks)."""
+        return self._turn_end_id
+
     def _check_action(self, action: Any) -> int:
         if isinstance(action, np.ndarray) and action.shape == ():
             action = action.item()
@@ -156,45 +204,84 @@ class TokenEnv(gym.Env[Obs, np.int64]):
             raise ValueError(f"action {int(action)} is outside the vocabulary Discrete({self.action_space.n})")
         return int(action)
 
-    def _reward(self, text: str) -> float | None:
+    def _reward(self, text: str, defer: bool) -> tuple[float | None, RewardContext | None]:
+        """This step's reward (None: the reward function failed and the config allows it) and, when the batched
+        part of a terminal reward is deferred, the context it is to be scored on."""
         ctx = RewardContext(self.task, self._sample, self._prompt_ids, tuple(self._response_ids), text, self._done)
         try:
-            return checked_reward(self.reward_fn, ctx)
+            if defer and ctx.done and isinstance(self.reward_fn, DeferredReward):
+                return self.reward_fn.step_reward(ctx), ctx
+            return checked_reward(self.reward_fn, ctx), None
         except RewardError:
             if self.on_reward_error == "raise":
                 raise
-            return None
+            return None, None
 
     def _obs(self) -> Obs:
         return {
             "tokens": self._tokens.copy(),
             "prompt_length": np.array(len(self._prompt_ids), dtype=np.int64),
             "length": np.array(len(self._prompt_ids) + len(self._response_ids), dtype=np.int64),
+            "action_mask": self._action_mask.copy(),
         }
 
 
-def replay(env: TokenEnv, sample: TaskSample, response_ids: Sequence[int]) -> dict[str, Any]:
+def replay(env: TokenEnv, sample: TaskSample, response_ids: Sequence[int], defer: bool = False) -> dict[str, Any]:
     """Replay a generated response through ``env`` token by token.
 
     Returns the per-token ``rewards`` (float32, one per replayed token), how many tokens were consumed
     (``length``: fewer than given when the episode ends early, e.g. on the task's stop condition),
-    ``terminated``/``truncated``, the final ``score``, and ``reward_errors`` (0 or 1).
+    ``terminated``/``truncated``, the final ``score``, and ``reward_errors`` (0 or 1). For a multi-turn task the
+    response holds the policy's tokens only, and the environment's replies are returned in ``env_tokens``
+    (a list, one per turn) — the multi-turn rollout in ``cluster/`` steps turn by turn instead.
+    With ``defer``, a batched terminal reward is left out of the last reward and ``pending`` holds the final
+    :class:`RewardContext` for :func:`score_pending` to score with others in one call; otherwise ``pending`` is None.
     """
     env.reset(options={"sample": sample})
     rewards: list[float] = []
     terminated = truncated = False
-    errors, info = 0, {}
+    errors, info, env_tokens = 0, {}, []
     for token in response_ids:
-        reward, terminated, truncated, info = env.advance(int(token))
+        reward, terminated, truncated, info = env.advance(int(token), defer=defer)
         rewards.append(reward)
         errors += int(info.get("reward_error", False))
+        if "env_tokens" in info:
+            env_tokens.append(info["env_tokens"])
         if terminated or truncated:
             break
     return {
         "rewards": np.asarray(rewards, dtype=np.float32),
         "length": len(rewards),
+        "env_tokens": env_tokens,
         "terminated": terminated,
         "truncated": truncated,
         "score": float(info.get("score", 0.0)),
         "reward_errors": errors,
+        "pending": info.get("pending"),
     }
+
+
+def score_pending(env: TokenEnv, episodes: Sequence[dict[str, Any]]) -> int:
+    """Add the batched terminal rewards that ``replay(env, ..., defer=True)`` left pending, scored in one call.
+
+    Each episode's last reward then equals what ``replay`` without ``defer`` gives. A failed score follows
+    ``env.on_reward_error``: raise (before changing any episode), or the task's ``failure_value`` as that episode's
+    last reward and score, counted in its ``reward_errors``. Returns how many episodes were scored.
+    """
+    waiting = [ep for ep in episodes if ep["pending"] is not None]
+    if not waiting:
+        return 0
+    if not isinstance(env.reward_fn, DeferredReward):
+        raise ValueError("episodes with pending rewards must be scored with the environment that replayed them")
+    results = env.reward_fn.score([ep["pending"] for ep in waiting])
+    failed = [r for r in results if isinstance(r, RewardError)]
+    if failed and env.on_reward_error == "raise":
+        raise failed[0]
+    for ep, result in zip(waiting, results):
+        ep["pending"] = None
+        if isinstance(result, RewardError):
+            ep["rewards"][-1] = ep["score"] = env.task.failure_value
+            ep["reward_errors"] += 1
+        else:
+            ep["rewards"][-1] += result
+    return len(waiting)

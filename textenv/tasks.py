@@ -9,6 +9,7 @@ exactly its final ``score`` (a potential-based shaping: it changes no optimal po
 from __future__ import annotations
 
 import importlib
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -186,8 +187,54 @@ class BracketTask(Task):
         return response.endswith(")")
 
 
+class MultiTurnTask(Task):
+    """A task in which the environment answers each of the policy's turns.
+
+    A policy turn ends with the single token ``turn_end``; the environment then calls ``reply`` and appends the
+    reply's tokens to the observation (they are not actions: no reward, no loss). ``reply`` returning None, or
+    ``max_turns`` turns, ends the episode.
+    """
+
+    turn_end: str = ";"
+    max_turns: int = 4
+
+    def reply(self, sample: TaskSample, transcript: str, turn: int) -> str | None:
+        """The environment's answer to turn ``turn`` (1-based); ``transcript`` is the response so far, replies included."""
+        raise NotImplementedError
+
+
+class GuessNumberTask(MultiTurnTask):
+    """Guess a secret number in 0..high; after each guess (digits then ``;``) the environment answers ``<`` (the
+    secret is lower), ``>`` (higher) or ``?`` (not a number), and the episode ends on the right guess.
+    Transcript example for secret 3: ``5;<2;>3;``. Reward: 1 for finding it within ``max_turns`` guesses.
+    """
+
+    name = "guess_number"
+
+    def __init__(self, high: int = 9, max_turns: int = 4) -> None:
+        if high < 1 or max_turns < 1:
+            raise ValueError(f"guess_number: high and max_turns must be >= 1; got {high}, {max_turns}")
+        self.high, self.max_turns = high, max_turns
+        self.alphabet = DIGITS + ";<>?-:"
+        self.max_response_tokens = max_turns * (len(str(high)) + 2)  # digits, ';', the one-character reply
+        self.max_prompt_chars = len(f"0-{high}:")
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        return TaskSample(prompt=f"0-{self.high}:", answer=str(int(rng.integers(0, self.high + 1))))
+
+    def reply(self, sample: TaskSample, transcript: str, turn: int) -> str | None:
+        guess = re.split(r"[<>?]", transcript[: -len(self.turn_end)])[-1]
+        if not guess.isdigit():
+            return "?"
+        secret = int(sample.answer)
+        return None if int(guess) == secret else ("<" if secret < int(guess) else ">")
+
+    def score(self, sample: TaskSample, response: str) -> float:
+        return float(any(int(g) == int(sample.answer) for g in re.findall(r"(?:^|[<>?])(\d+)(?:;|$)", response)))
+
+
 TASKS: dict[str, Callable[..., Task]] = {
-    cls.name: cls for cls in (ReverseTask, SortDigitsTask, AdditionTask, CountTask, BracketTask)
+    cls.name: cls for cls in (ReverseTask, SortDigitsTask, AdditionTask, CountTask, BracketTask, GuessNumberTask)
 }
 
 

@@ -47,14 +47,16 @@ def test_any_action_sequence(env_id, seed, actions):
             result = env.step(action)
             assert isinstance(result, tuple) and len(result) == 5
             obs, reward, terminated, truncated, info = result
-            steps += 1
+            at = prompt_len + steps  # where this action landed; a multi-turn reply follows it as non-action tokens
+            steps += 1 + len(info.get("env_tokens", []))
             assert obs in env.observation_space
-            assert int(obs["length"]) == prompt_len + steps and obs["tokens"][prompt_len + steps - 1] == action
+            assert int(obs["length"]) == prompt_len + steps and obs["tokens"][at] == action
+            assert obs["action_mask"][at] == 1 and not obs["action_mask"][at + 1 : prompt_len + steps].any()
             assert isinstance(reward, float) and math.isfinite(reward)
             assert isinstance(terminated, bool) and isinstance(truncated, bool) and not (terminated and truncated)
             if action == env.tokenizer.eos_token_id:
                 assert terminated
-            assert truncated == (not terminated and steps == env.max_response_tokens)
+            assert truncated == (not terminated and steps >= env.max_response_tokens)
             done = terminated or truncated
             if done:
                 assert 0.0 <= info["score"] <= 1.0 and info["response"] == env.tokenizer.decode(

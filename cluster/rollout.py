@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from textenv import BatchRewardFn, EnvConfig, HFTokenizerAdapter, TokenEnv, make_env, replay, score_pending
+from textenv import (
+    BatchRewardFn, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
+)
 
 
 class StaleWeightsError(RuntimeError):
@@ -61,9 +63,11 @@ class VLLMRolloutActor:
             gpu_memory_utilization=engine.gpu_memory_utilization,
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
+        self.env_cfg, self._batch_reward = env_cfg, batch_reward
         self.env: TokenEnv = make_env(
             env_cfg, tokenizer=self.tokenizer, batch_reward=batch_reward, disable_env_checker=True
         ).unwrapped
+        self._env_pool: list[TokenEnv] = []
         self.weights_version = 0
         self._weight_names = self._engine_weight_names(engine.model_dir)
         self.sample(4, 1, seed=0, expected_version=0)  # warm-up: the first generate call is slow
@@ -99,75 +103,145 @@ class VLLMRolloutActor:
 
     # ------------------------------------------------------------------------------------------- sampling
     def sample(self, num_prompts: int, samples_per_prompt: int, seed: int, expected_version: int) -> dict[str, Any]:
-        """Draw ``num_prompts`` problems (seeded), sample ``samples_per_prompt`` responses each, replay them.
+        """Draw ``num_prompts`` problems (seeded), sample ``samples_per_prompt`` responses each, score them.
 
         Returns fixed-shape arrays (rows of one prompt are consecutive): ``prompt_ids`` (N, P) left-padded,
-        ``response_ids``/``sampling_logp``/``rewards`` (N, R) right-padded, ``response_length`` (N,), ``score``
-        (N,), and counters.
+        ``response_ids``/``action_mask``/``sampling_logp``/``rewards`` (N, R) right-padded, ``response_length``
+        (N,), ``score`` (N,), and counters. ``action_mask`` is 0 at a multi-turn environment's reply tokens.
         """
         if self.weights_version != expected_version:
             raise StaleWeightsError(
                 f"rollout actor {self.index} holds weights version {self.weights_version}, asked for {expected_version}"
             )
-        from vllm.inputs import TokensPrompt
-
-        env, pad = self.env, self.tokenizer.pad_token_id
-        P, R = env.max_prompt_tokens, env.max_response_tokens
+        env = self.env
         env.reset(seed=seed)  # seeds the environment's generator; each reset below draws the next problem
         samples, prompts = [], []
         for _ in range(num_prompts):
             env.reset()
             samples.append(env.sample)
             prompts.append(env.prompt_ids)
-        requests, params = [], []
-        for i, ids in enumerate(prompts):
-            for j in range(samples_per_prompt):
-                requests.append(TokensPrompt(prompt_token_ids=ids))
-                params.append(self._sampling_params(R, seed * 100_003 + i * samples_per_prompt + j))
+        rows = [(samples[i], prompts[i], seed * 100_003 + i * samples_per_prompt + j)
+                for i in range(num_prompts) for j in range(samples_per_prompt)]
+        play = self._play_turns if env.turn_end_id is not None else self._generate_then_replay
+        episodes, timings = play(rows)
         t0 = time.perf_counter()
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        t1 = time.perf_counter()
+        score_pending(env, episodes)  # one call for every batched terminal reward (a reward model); else nothing
+        timings["batch_reward_s"] = time.perf_counter() - t0
+        out = self._pack(rows, episodes)
+        out.update(weights_version=self.weights_version, **timings,
+                   examples=[(samples[0].prompt, env.tokenizer.decode(episodes[0]["tokens"]))])
+        return out
 
-        N = len(requests)
+    def _generate_then_replay(self, rows: list[tuple[TaskSample, list[int], int]]) -> tuple[list[dict], dict]:
+        """Single-turn: one vLLM call for every response, then each response replayed through the environment."""
+        from vllm.inputs import TokensPrompt
+
+        R = self.env.max_response_tokens
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt) for _, prompt, _ in rows],
+            [self._sampling_params(R, seed) for _, _, seed in rows], use_tqdm=False,
+        )
+        t1 = time.perf_counter()
+        episodes = []
+        for (sample, _, _), o in zip(rows, outputs):
+            completion = o.outputs[0]
+            ep = replay(self.env, sample, completion.token_ids, defer=True)
+            L = ep["length"]  # the environment may end the episode before vLLM stopped
+            ep.update(tokens=list(completion.token_ids[:L]), actions=[1] * L, generated=len(completion.token_ids),
+                      logp=[next(iter(lp.values())).logprob for lp in completion.logprobs[:L]])
+            episodes.append(ep)
+        return episodes, {"generate_s": t1 - t0, "replay_s": time.perf_counter() - t1}
+
+    def _play_turns(self, rows: list[tuple[TaskSample, list[int], int]]) -> tuple[list[dict], dict]:
+        """Multi-turn: vLLM generates every unfinished episode's next turn (stopping at the turn-end token), the
+        episode's own environment steps through it and appends its reply, and the next turn continues from the
+        prompt plus everything so far. The replies are context tokens, not actions."""
+        from vllm.inputs import TokensPrompt
+
+        R = self.env.max_response_tokens
+        stops = [self.tokenizer.eos_token_id, self.env.turn_end_id]
+        episodes = []
+        for n, (sample, _, _) in enumerate(rows):
+            env = self._episode_env(n)
+            env.reset(options={"sample": sample})
+            episodes.append({"env": env, "tokens": [], "actions": [], "logp": [], "action_rewards": [], "done": False,
+                             "pending": None, "terminated": False, "score": 0.0, "reward_errors": 0, "generated": 0})
+        timings = {"generate_s": 0.0, "replay_s": 0.0}
+        for turn in range(R):  # every turn adds at least one token, so R turns always finish every episode
+            active = [(n, ep) for n, ep in enumerate(episodes) if not ep["done"]]
+            if not active:
+                break
+            t0 = time.perf_counter()
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=rows[n][1] + ep["tokens"]) for n, ep in active],
+                [self._sampling_params(R - len(ep["tokens"]), rows[n][2] * 7_919 + turn, stops) for n, ep in active],
+                use_tqdm=False,
+            )
+            t1 = time.perf_counter()
+            for (_, ep), o in zip(active, outputs):
+                completion = o.outputs[0]
+                ep["generated"] += len(completion.token_ids)
+                for token, lp in zip(completion.token_ids, completion.logprobs):
+                    reward, terminated, truncated, info = ep["env"].advance(int(token), defer=True)
+                    ep["tokens"].append(int(token))
+                    ep["actions"].append(1)
+                    ep["logp"].append(next(iter(lp.values())).logprob)
+                    ep["action_rewards"].append(reward)
+                    ep["reward_errors"] += int(info.get("reward_error", False))
+                    for env_token in info.get("env_tokens", ()):
+                        ep["tokens"].append(int(env_token))
+                        ep["actions"].append(0)
+                        ep["logp"].append(0.0)
+                    if terminated or truncated:
+                        ep.update(done=True, terminated=terminated, score=float(info.get("score", 0.0)),
+                                  pending=info.get("pending"))
+                        break
+            timings["generate_s"] += t1 - t0
+            timings["replay_s"] += time.perf_counter() - t1
+        for ep in episodes:
+            ep["rewards"] = np.asarray(ep.pop("action_rewards"), np.float32)  # score_pending adds to the last one
+            del ep["env"]
+        return episodes, timings
+
+    def _episode_env(self, n: int) -> TokenEnv:
+        """The n-th environment of a pool that multi-turn play keeps across calls (one per concurrent episode)."""
+        while len(self._env_pool) <= n:
+            self._env_pool.append(make_env(self.env_cfg, tokenizer=self.tokenizer, batch_reward=self._batch_reward,
+                                           disable_env_checker=True).unwrapped)
+        return self._env_pool[n]
+
+    def _pack(self, rows: list[tuple[TaskSample, list[int], int]], episodes: list[dict]) -> dict[str, Any]:
+        """Per-episode lists -> fixed-shape arrays; rewards go to the action tokens in order."""
+        P, R, pad = self.env.max_prompt_tokens, self.env.max_response_tokens, self.tokenizer.pad_token_id
+        N = len(rows)
         out = {
             "prompt_ids": np.full((N, P), pad, np.int64), "prompt_length": np.zeros(N, np.int64),
             "response_ids": np.full((N, R), pad, np.int64), "response_length": np.zeros(N, np.int64),
-            "sampling_logp": np.zeros((N, R), np.float32), "rewards": np.zeros((N, R), np.float32),
-            "score": np.zeros(N, np.float32), "terminated": np.zeros(N, bool),
+            "action_mask": np.zeros((N, R), np.int8), "sampling_logp": np.zeros((N, R), np.float32),
+            "rewards": np.zeros((N, R), np.float32), "score": np.zeros(N, np.float32), "terminated": np.zeros(N, bool),
         }
-        episodes = [replay(env, samples[n // samples_per_prompt], o.outputs[0].token_ids, defer=True)
-                    for n, o in enumerate(outputs)]
-        t2 = time.perf_counter()
-        score_pending(env, episodes)  # one call for every batched terminal reward (a reward model); else nothing
-        t3 = time.perf_counter()
-        generated = reward_errors = 0
-        for n, (o, ep) in enumerate(zip(outputs, episodes)):
-            prompt, completion = prompts[n // samples_per_prompt], o.outputs[0]
-            tokens = list(completion.token_ids)
-            generated += len(tokens)
-            L = ep["length"]  # the environment may end the episode before vLLM stopped
+        for n, ((_, prompt, _), ep) in enumerate(zip(rows, episodes)):
+            L = len(ep["tokens"])
+            actions = np.asarray(ep["actions"], bool)
             out["prompt_ids"][n, P - len(prompt) :] = prompt
             out["prompt_length"][n] = len(prompt)
-            out["response_ids"][n, :L] = tokens[:L]
+            out["response_ids"][n, :L] = ep["tokens"]
             out["response_length"][n] = L
-            out["sampling_logp"][n, :L] = [next(iter(lp.values())).logprob for lp in completion.logprobs[:L]]
-            out["rewards"][n, :L] = ep["rewards"]
+            out["action_mask"][n, :L] = actions
+            out["sampling_logp"][n, :L] = ep["logp"]
+            out["rewards"][n, :L][actions] = ep["rewards"]
             out["score"][n] = ep["score"]
             out["terminated"][n] = ep["terminated"]
-            reward_errors += ep["reward_errors"]
-        out.update(
-            weights_version=self.weights_version, generate_s=t1 - t0, replay_s=t2 - t1, batch_reward_s=t3 - t2,
-            postprocess_s=time.perf_counter() - t1,
-            generated_tokens=generated, reward_errors=reward_errors,
-            examples=[(samples[0].prompt, env.tokenizer.decode(out["response_ids"][0, : out["response_length"][0]]))],
-        )
+        out["generated_tokens"] = sum(ep["generated"] for ep in episodes)
+        out["reward_errors"] = sum(ep["reward_errors"] for ep in episodes)
         return out
 
-    def _sampling_params(self, max_tokens: int, seed: int) -> Any:
+    def _sampling_params(self, max_tokens: int, seed: int, stop_token_ids: list[int] | None = None) -> Any:
         return self._SamplingParams(
             max_tokens=max_tokens, temperature=self.opts.temperature, logprobs=0,
-            stop_token_ids=[self.tokenizer.eos_token_id], seed=seed if self.opts.seeded_sampling else None,
-            detokenize=False,
+            stop_token_ids=stop_token_ids or [self.tokenizer.eos_token_id],
+            seed=seed if self.opts.seeded_sampling else None, detokenize=False,
         )
 
 
@@ -214,7 +288,6 @@ class RolloutGroup:
             generate_s=max(p["generate_s"] for p in parts),
             replay_s=max(p["replay_s"] for p in parts),
             batch_reward_s=max(p["batch_reward_s"] for p in parts),
-            postprocess_s=max(p["postprocess_s"] for p in parts),
             examples=[e for p in parts for e in p["examples"]],
         )
         return merged

@@ -202,6 +202,5 @@ def rollout_metrics(rollouts: dict[str, Any], batch: dict[str, np.ndarray], t: d
         "timing/generate_s": float(rollouts["generate_s"]),
         "timing/replay_s": float(rollouts["replay_s"]),
         "timing/batch_reward_s": float(rollouts["batch_reward_s"]),
-        "timing/postprocess_s": float(rollouts["postprocess_s"]),
         "throughput/rollout_tokens_per_s": rollouts["generated_tokens"] / max(t["timing/rollout_s"], 1e-9),
     }

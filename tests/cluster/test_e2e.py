@@ -110,3 +110,11 @@ def test_critic_free_configs_learn(config: str, tmp_path: Path) -> None:
     assert len(rows) == 15 and all("losses/value_loss" in r for r in rows)
     first, last = rows[0]["reward/mean"], sum(r["reward/mean"] for r in rows[-3:]) / 3
     assert last >= first + 0.06, f"{config}: reward did not rise: {first:.3f} -> {last:.3f}"
+
+
+def test_multi_turn_config_runs(tmp_path: Path) -> None:
+    result = tokengym("train", "configs/guess_number.yaml", "iterations=3", "tracking.wandb=false", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(only_run(tmp_path))
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert all(r["rollout/logprob_gap"] < 1e-3 and 0.0 <= r["reward/mean"] <= 1.0 for r in rows)

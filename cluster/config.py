@@ -211,6 +211,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(str(err)) from None
 
 
+_SCALARS = {bool: "true or false", int: "an integer", str: "a string"}
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -237,13 +240,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a mapping; got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false; got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if tp in _SCALARS:
+        what = _SCALARS[tp]
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):  # YAML's true is not an integer
+            raise ConfigError(f"{key} must be {what}; got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -254,10 +254,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number; got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string; got {value!r}")
-        return value
     return value
 
 

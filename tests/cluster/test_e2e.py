@@ -33,7 +33,7 @@ def tokengym(*args: str, runs: Path, timeout: float = 600, **popen) -> subproces
 
 
 def only_run(runs: Path) -> Path:
-    dirs = [p for p in runs.iterdir() if p.is_dir()]
+    dirs = [p for p in runs.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
     assert len(dirs) == 1, dirs
     return dirs[0]
 
@@ -61,6 +61,11 @@ def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None
     assert not list((run / "checkpoints").glob(".tmp-*"))
     history = read_history(run)
     assert [h["iteration"] for h in history] == list(range(1, 31))
+    # `tokengym export` writes the final policy as a HF directory (its contents are tested in test_export.py).
+    exported = subprocess.run([sys.executable, "-m", "cluster.cli", "export", str(run), "--out", str(tmp_path / "hf")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     for row, logged in zip(rows, history):
         assert logged["_step"] == row["iteration"]
         for key in REQUIRED:

@@ -74,7 +74,7 @@ def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "iterations=10", "checkpoint_every=3", "name=kill",
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "iterations=20", "checkpoint_every=3", "name=kill",
            f"runs_dir={tmp_path}", "tracking.progress_bar=false"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -97,13 +97,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     result = tokengym("train", "--resume", str(run), runs=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run)
-    assert [r["iteration"] for r in rows] == list(range(1, 11)), "each iteration once, counter continued"
+    assert [r["iteration"] for r in rows] == list(range(1, 21)), "each iteration once, counter continued"
     assert rows[:killed_at] == before[:killed_at], "history up to the checkpoint is kept as it was"
     # The learner restarted from the checkpoint's weights: versions continue, and the policy did not reset.
     assert rows[killed_at]["weights/version"] == killed_at + 2
     assert rows[killed_at]["reward/mean"] > rows[0]["reward/mean"]
-    assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 10
-    assert json.loads((run / "checkpoints" / "iter_000010" / "state.json").read_text())["wandb_id"] == (
+    assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 20
+    assert json.loads((run / "checkpoints" / "iter_000020" / "state.json").read_text())["wandb_id"] == (
         run / "wandb_id").read_text().strip()
 
 
@@ -123,3 +123,23 @@ def test_multi_turn_config_runs(tmp_path: Path) -> None:
     rows = read_metrics(only_run(tmp_path))
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert all(r["rollout/logprob_gap"] < 1e-3 and 0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+
+
+def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "iterations=200", "checkpoint_every=2", "name=ctrlc",
+           f"runs_dir={tmp_path}", "tracking.progress_bar=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+        ckpt = latest_checkpoint(runs[0] / "checkpoints") if runs else None
+        if ckpt is not None:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "tokengym: interrupted; continue with --resume from the last checkpoint"
+    run = only_run(tmp_path)
+    assert latest_checkpoint(run / "checkpoints") is not None and len(read_metrics(run)) < 200

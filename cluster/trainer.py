@@ -43,6 +43,7 @@ class Trainer:
         self.weights_version = 0
         self.adv_params = AdvantageParams(cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt)
         torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         self.learners = build_learner_group(
             cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner
         )

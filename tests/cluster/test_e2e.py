@@ -143,3 +143,13 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == "tokengym: interrupted; continue with --resume from the last checkpoint"
     run = only_run(tmp_path)
     assert latest_checkpoint(run / "checkpoints") is not None and len(read_metrics(run)) < 200
+
+
+def test_runs_repeat_per_seed(tmp_path: Path) -> None:
+    histories = []
+    for name in ("a", "b"):
+        result = tokengym("train", "iterations=3", f"name={name}", "tracking.wandb=false", runs=tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        histories.append([(r["reward/mean"], r["losses/policy_loss"], r["losses/value_loss"])
+                          for r in read_metrics(only_run(tmp_path / name))])
+    assert histories[0] == histories[1]

@@ -43,10 +43,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
 def prepare_policy(cfg: ExperimentConfig, run_dir: Path) -> Path:
     """The policy's HF directory: ``policy.model_path``, or a tiny model built for the task in the run directory."""
     if cfg.policy.model_path is not None:
-        path = Path(cfg.policy.model_path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"policy.model_path {str(path)!r} is not a local Hugging Face model directory (no config.json)")
-        return path
+        return require_model_dir("policy.model_path", cfg.policy.model_path)
     path = run_dir / POLICY_INIT
     if not (path / "config.json").is_file():
         from policies.models import save_tiny_policy
@@ -61,6 +58,13 @@ def prepare_policy(cfg: ExperimentConfig, run_dir: Path) -> Path:
     return path
 
 
+def require_model_dir(key: str, path: str) -> Path:
+    """``path`` as a local Hugging Face model directory; a ConfigError naming ``key`` otherwise."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{key} {path!r} is not a local Hugging Face model directory (no config.json)")
+    return Path(path)
+
+
 def check_before_ray(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without Ray: the environment builds, files exist."""
     try:
@@ -68,9 +72,8 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"env: {err}") from None
     for key in ("model_path", "critic_model_path"):
-        path = getattr(cfg.policy, key)
-        if path is not None and not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"policy.{key} {path!r} is not a local Hugging Face model directory (no config.json)")
+        if getattr(cfg.policy, key) is not None:
+            require_model_dir(f"policy.{key}", getattr(cfg.policy, key))
     if cfg.reward_model.path is not None:
         check_reward_model(cfg.reward_model.path, cfg.reward_model.label)
 
@@ -137,7 +140,7 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     else:
         trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
     tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), wandb_id, start, cfg.iterations)
-    exit_code, iteration = 1, start
+    exit_code = 1
     try:
         for iteration in range(start + 1, cfg.iterations + 1):
             tracker.log(trainer.run_iteration(iteration))

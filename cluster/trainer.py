@@ -15,16 +15,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from cluster.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from cluster.checkpoint import read_state, save_checkpoint
 from cluster.config import ExperimentConfig
 from cluster.reward_model import RewardModelServer
-from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError, unwrap_ray_errors
+from cluster.rollout import EngineOptions, RolloutGroup, unwrap_ray_errors
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
 from policies.columns import (
     ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
     RETURNS, REWARDS, SAMPLING_LOGP,
 )
-from policies.learner import MODULE_ID, build_learner_group, hf_weights
+from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats, hf_weights
 from policies.losses import KL_ESTIMATORS
 
 
@@ -85,16 +85,7 @@ class Trainer:
 
     def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pre-update log-probs (and values, reference log-probs) from the learners: one forward per sequence."""
-        inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-        mb = self.cfg.algorithm.minibatch_size
-        results = unwrap_ray_errors(lambda: self.learners.foreach_learner(lambda learner: learner.rollout_stats(inputs, mb)))
-        shards = [r.get() for r in results]
-        n = len(batch[RESPONSE_MASK])
-        out = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in shards[0][1].items()}
-        for rows, arrays in shards:
-            for k, v in arrays.items():
-                out[k][rows] = v
-        return out
+        return unwrap_ray_errors(lambda: group_rollout_stats(self.learners, batch, self.cfg.algorithm.minibatch_size))
 
     def add_advantages(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """Advantages and returns from the registered estimator, written into ``batch``."""
@@ -112,7 +103,7 @@ class Trainer:
         if algo.normalize_advantages:
             adv = whiten(adv, mask)
         batch[ADV], batch[RETURNS] = adv.float().numpy(), returns.float().numpy()
-        if OLD_VALUES in batch and self.cfg.policy.value_head:
+        if self.cfg.policy.value_head:
             m = mask.bool()
             var = returns[m].var()
             metrics["losses/explained_variance"] = float(1 - (returns[m] - values[m]).var() / var) if var > 0 else 0.0
@@ -172,7 +163,7 @@ def build_batch(rollouts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     policy's tokens of a multi-turn episode); the attention mask covers every real token.
     """
     prompt_ids, response_ids = rollouts["prompt_ids"], rollouts["response_ids"]
-    (B, P), R = prompt_ids.shape, response_ids.shape[1]
+    P, R = prompt_ids.shape[1], response_ids.shape[1]
     prompt_mask = np.arange(P)[None, :] >= (P - rollouts["prompt_length"])[:, None]  # (B, P)
     real = np.arange(R)[None, :] < rollouts["response_length"][:, None]  # (B, R) generated or replied tokens
     # Actions are the tokens the policy chose; a multi-turn environment's replies are context, not actions.

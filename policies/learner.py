@@ -13,12 +13,13 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.typing import ModuleID
 
 from policies.columns import (
-    ADVANTAGES, ENTROPY, INPUT_IDS, LOGP, OLD_LOGP, OLD_VALUES, REF_LOGP, RESPONSE_MASK, RETURNS, VALUES,
+    ADVANTAGES, ATTENTION_MASK, ENTROPY, INPUT_IDS, LOGP, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
+    RETURNS, VALUES,
 )
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.losses import KL_ESTIMATORS, OBJECTIVES, aggregate, value_loss
 from policies.models import load_causal_lm
-from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule
+from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule, response_logp
 
 MODULE_ID = "default_policy"
 
@@ -162,15 +163,16 @@ class TokenPolicyLearner(TorchLearner):
         return 0, 1
 
 
-def response_logp(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probabilities of the response tokens under a bare HF causal LM (the frozen reference), (B, R)."""
-    from policies.columns import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
-
-    R = batch[RESPONSE_MASK].shape[1]
-    logits = lm(
-        input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS]
-    ).logits[:, -R - 1 : -1].float()  # (B, R, V)
-    return torch.log_softmax(logits, -1).gather(-1, batch[INPUT_IDS][:, -R:].unsqueeze(-1)).squeeze(-1)
+def group_rollout_stats(learner_group: Any, batch: dict[str, np.ndarray], microbatch_size: int) -> dict[str, np.ndarray]:
+    """``TokenPolicyLearner.rollout_stats`` on every learner of ``learner_group``, shards put back in row order."""
+    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
+    shards = [r.get() for r in learner_group.foreach_learner(lambda learner: learner.rollout_stats(inputs, microbatch_size))]
+    n = len(batch[RESPONSE_MASK])
+    out = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in shards[0][1].items()}
+    for rows, arrays in shards:
+        for k, v in arrays.items():
+            out[k][rows] = v
+    return out
 
 
 def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig) -> dict[str, np.ndarray]:

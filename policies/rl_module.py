@@ -15,6 +15,33 @@ from policies.models import load_causal_lm
 LM_PREFIX = "lm."  # state-dict keys of the HF model inside this module: "lm." + the HF parameter name
 
 
+def response_hidden(body: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """A transformer body's hidden states before each response token, (B, R, H).
+
+    The hidden state at column t predicts token t + 1, so the R response tokens (the last R columns) are predicted
+    by columns -R-1 .. -2. Position ids come from the batch, so left padding does not shift positions.
+    """
+    R = batch[RESPONSE_MASK].shape[1]
+    out = body(input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS])
+    return out.last_hidden_state[:, -R - 1 : -1]
+
+
+def response_logp_all(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary from the LM head on ``hidden``, in float32, (B, R, V)."""
+    return torch.log_softmax(lm.get_output_embeddings()(hidden).float(), dim=-1)
+
+
+def gather_targets(logp_all: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The log-probability of each response token, (B, R)."""
+    targets = batch[INPUT_IDS][:, -logp_all.shape[1] :]  # (B, R)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logp(lm: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Log-probabilities of the response tokens under a plain HF causal LM (e.g. the frozen reference), (B, R)."""
+    return gather_targets(response_logp_all(lm, response_hidden(lm.base_model, batch)), batch)
+
+
 class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
     """Wraps any local HF causal LM (``model_config["model_path"]``).
 
@@ -48,30 +75,28 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
         return self._forward_train(batch, **kwargs)
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        hidden = self._response_hidden(batch)  # (B, R, H): the state before each response token
-        logits = self.hf_model.get_output_embeddings()(hidden).float()  # (B, R, V)
-        logp_all = torch.log_softmax(logits, dim=-1)  # (B, R, V)
-        targets = batch[INPUT_IDS][:, -hidden.shape[1] :]  # (B, R)
+        hidden = response_hidden(self.hf_model.base_model, batch)  # (B, R, H): the state before each response token
+        logp_all = response_logp_all(self.hf_model, hidden)  # (B, R, V)
         out = {
-            LOGP: logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1),  # (B, R)
+            LOGP: gather_targets(logp_all, batch),  # (B, R)
             ENTROPY: -(logp_all.exp() * logp_all).sum(-1),  # (B, R)
         }
         if self.value_head is not None:
-            critic_hidden = hidden if self.critic_body is None else self._response_hidden(batch, self.critic_body)
-            out[VALUES] = self.value_head(critic_hidden.float()).squeeze(-1)  # (B, R)
+            out[VALUES] = self._values(batch, hidden)  # (B, R)
         return out
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
         if self.value_head is None:
             raise ValueError("this policy has no value head; set policy.value_head=true for a critic")
-        return self.value_head(self._response_hidden(batch, self.critic_body).float()).squeeze(-1)
+        return self._values(batch)
 
-    def _response_hidden(self, batch: dict[str, Any], body: torch.nn.Module | None = None) -> torch.Tensor:
-        R = batch[RESPONSE_MASK].shape[1]
-        body = body if body is not None else self.hf_model.base_model
-        out = body(input_ids=batch[INPUT_IDS], attention_mask=batch[ATTENTION_MASK], position_ids=batch[POSITION_IDS])
-        # The hidden state at column t predicts token t + 1: the R states before the R response tokens.
-        return out.last_hidden_state[:, -R - 1 : -1]  # (B, R, H)
+    def _values(self, batch: dict[str, Any], policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The value head on the separate critic's hidden states, or on the policy's (reused when given)."""
+        if self.critic_body is not None:
+            hidden = response_hidden(self.critic_body, batch)
+        else:
+            hidden = policy_hidden if policy_hidden is not None else response_hidden(self.hf_model.base_model, batch)
+        return self.value_head(hidden.float()).squeeze(-1)  # (B, R)
 
     @property
     def hf_model(self) -> torch.nn.Module:

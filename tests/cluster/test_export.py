@@ -14,9 +14,9 @@ from cluster.config import ConfigError, build_config, dump_config
 from cluster.export import export_policy
 from cluster.rollout import RolloutGroup
 from cluster.trainer import build_batch
-from policies.columns import ATTENTION_MASK, INPUT_IDS, OLD_LOGP, POSITION_IDS, RESPONSE_MASK, SAMPLING_LOGP
+from policies.columns import OLD_LOGP, RESPONSE_MASK, SAMPLING_LOGP
 from policies.config import AlgorithmConfig, PolicyConfig
-from policies.learner import MODULE_ID, build_learner_group
+from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
 from test_rollout import ENV, engine  # noqa: E402  (same folder)
 
 
@@ -82,8 +82,7 @@ def test_vllm_serves_the_export_with_matching_logprobs(ray_session, trained_run,
         group.shutdown()
     learner = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(out), 0, 0)
     batch = build_batch(rollouts)
-    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-    _, stats = list(learner.foreach_learner(lambda lr: lr.rollout_stats(inputs, 64)))[0].get()
+    stats = group_rollout_stats(learner, batch, 64)
     learner.shutdown()
     mask = batch[RESPONSE_MASK] > 0
     assert np.abs(stats[OLD_LOGP] - batch[SAMPLING_LOGP])[mask].mean() < 1e-3

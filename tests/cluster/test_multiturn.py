@@ -10,9 +10,9 @@ import pytest
 
 from cluster.rollout import EngineOptions, RolloutGroup
 from cluster.trainer import build_batch
-from policies.columns import ATTENTION_MASK, INPUT_IDS, OLD_LOGP, POSITION_IDS, RESPONSE_MASK, SAMPLING_LOGP
+from policies.columns import ATTENTION_MASK, OLD_LOGP, RESPONSE_MASK, SAMPLING_LOGP
 from policies.config import AlgorithmConfig, PolicyConfig
-from policies.learner import build_learner_group
+from policies.learner import build_learner_group, group_rollout_stats
 from policies.models import save_tiny_policy
 from tests.conftest import TINY
 from textenv import EnvConfig, TaskSample
@@ -77,7 +77,6 @@ def test_learner_sees_the_same_context_as_vllm(rollouts: dict, guess_model: Path
     real = batch[ATTENTION_MASK][:, -mask.shape[1]:] > 0
     assert (mask <= real).all() and (real & ~mask).any()  # replies are attended to but are not actions
     group = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(guess_model), 0, 0)
-    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-    _, stats = list(group.foreach_learner(lambda learner: learner.rollout_stats(inputs, 64)))[0].get()
+    stats = group_rollout_stats(group, batch, 64)
     group.shutdown()
     assert np.abs(stats[OLD_LOGP] - batch[SAMPLING_LOGP])[mask].mean() < 1e-3

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError
 from cluster.trainer import build_batch
-from policies.columns import ATTENTION_MASK, INPUT_IDS, OLD_LOGP, POSITION_IDS, RESPONSE_MASK, SAMPLING_LOGP
+from policies.columns import OLD_LOGP, RESPONSE_MASK, SAMPLING_LOGP
 from policies.config import AlgorithmConfig, PolicyConfig
-from policies.learner import MODULE_ID, build_learner_group
+from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
 from policies.models import load_tokenizer, save_tiny_policy
 from tests.conftest import REVERSE_ALPHABET, TINY
 from textenv import EnvConfig
@@ -38,8 +37,7 @@ def learner_logp(model_dir: Path, rollouts: dict, weights: dict | None = None) -
     if weights is not None:
         group.set_weights({MODULE_ID: weights})
     batch = build_batch(rollouts)
-    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-    _, stats = list(group.foreach_learner(lambda learner: learner.rollout_stats(inputs, 64)))[0].get()
+    stats = group_rollout_stats(group, batch, 64)
     group.shutdown()
     return stats[OLD_LOGP], batch
 
@@ -137,8 +135,7 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
     learner = build_learner_group(AlgorithmConfig(lr=5e-2), policy, str(tiny_model_dir), 0, 0)
     out = group.sample(16, 1, seed=2, version=0)
     batch = build_batch(out)
-    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-    _, stats = list(learner.foreach_learner(lambda lr: lr.rollout_stats(inputs, 64)))[0].get()
+    stats = group_rollout_stats(learner, batch, 64)
     batch.update(stats)
     mask = batch[RESPONSE_MASK]
     batch[ADVANTAGES] = (np.random.default_rng(0).standard_normal(mask.shape) * mask).astype(np.float32)
@@ -149,8 +146,7 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
     try:
         after = group.sample(16, 1, seed=2, version=1)
         b2 = build_batch(after)
-        inputs = {k: b2[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-        _, s2 = list(learner.foreach_learner(lambda lr: lr.rollout_stats(inputs, 64)))[0].get()
+        s2 = group_rollout_stats(learner, b2, 64)
         m = b2[RESPONSE_MASK] > 0
         assert not np.allclose(after["sampling_logp"], out["sampling_logp"])  # the adapters changed the policy
         assert np.abs(s2[OLD_LOGP] - b2[SAMPLING_LOGP])[m].mean() < 1e-3  # and vLLM runs exactly the merged model

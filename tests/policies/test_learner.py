@@ -11,7 +11,7 @@ import torch
 from cluster.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from cluster.trainer import build_batch
 from policies.columns import (
-    ADVANTAGES, ATTENTION_MASK, ENTROPY, INPUT_IDS, LOGP, OLD_LOGP, OLD_VALUES, POSITION_IDS, RESPONSE_MASK,
+    ADVANTAGES, ATTENTION_MASK, ENTROPY, INPUT_IDS, LOGP, POSITION_IDS, RESPONSE_MASK,
     RETURNS, VALUES,
 )
 from policies.config import AlgorithmConfig, PolicyConfig

@@ -12,18 +12,17 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from cluster.trainer import build_batch
 from policies.columns import (
-    ADVANTAGES, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK, RETURNS,
+    ADVANTAGES, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, POSITION_IDS, REF_LOGP, RESPONSE_MASK, RETURNS,
 )
 from policies.config import AlgorithmConfig, PolicyConfig
-from policies.learner import MODULE_ID, build_learner_group
+from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
 
 from test_learner import ragged_rollouts  # noqa: E402  (same folder)
 
 
 def prepared_batch(group, seed: int = 0, n: int = 8) -> dict:
     batch = build_batch(ragged_rollouts(np.random.default_rng(seed), n=n))
-    inputs = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, RESPONSE_MASK)}
-    _, stats = list(group.foreach_learner(lambda learner: learner.rollout_stats(inputs, 64)))[0].get()
+    stats = group_rollout_stats(group, batch, 64)
     batch.update(stats)
     mask = batch[RESPONSE_MASK]
     batch[ADVANTAGES] = (np.random.default_rng(seed + 1).standard_normal(mask.shape) * mask).astype(np.float32)

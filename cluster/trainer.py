@@ -18,7 +18,7 @@ import torch
 from cluster.checkpoint import read_state, save_checkpoint
 from cluster.config import ExperimentConfig
 from cluster.reward_model import RewardModelServer
-from cluster.rollout import EngineOptions, RolloutGroup, unwrap_ray_errors
+from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
 from policies.columns import (
     ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
@@ -51,7 +51,8 @@ class Trainer:
             model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
             max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
             kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed,
+            seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,
+            max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
         )
         # The reward model starts first: every rollout actor's environment calls it.
         self.reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
@@ -67,7 +68,7 @@ class Trainer:
         with timed(t, "rollout"):
             rollouts = self.rollouts.sample(
                 self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.samples_per_prompt,
-                seed=self.cfg.seed * 1_000_003 + iteration, version=self.weights_version,
+                seed=derive_seed(self.cfg.seed, iteration), version=self.weights_version,
             )
         batch = build_batch(rollouts)
         with timed(t, "logprobs"):

@@ -41,7 +41,9 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int) -> None:
         self.cfg = cfg
         self.weights_version = 0
-        self.adv_params = AdvantageParams(cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt)
+        self.adv_params = AdvantageParams(
+            cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt, credit=cfg.algorithm.credit
+        )
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         self.learners = build_learner_group(

@@ -3,6 +3,11 @@
 Each estimator takes per-token ``rewards`` (B, R), the critic's ``values`` (B, R) (zeros for critic-free
 estimators), the ``mask`` (B, R) of response tokens and its config, and returns ``(advantages, returns)``, both
 (B, R) and zero where ``mask`` is 0. Sequences of one prompt are consecutive rows (``group_size`` rows each).
+
+The group estimators (``grpo``, ``rloo``) credit either whole sequences (``credit="sequence"``: every token gets its
+sequence's advantage, the papers' form) or tokens (``credit="token"``: each token's reward-to-go against the same
+position's reward-to-go in the other samples of its group). With a terminal-only reward and equal lengths both are
+the same; with per-token rewards, token credit tells each token what it earned instead of what the sequence did.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class AdvantageParams:
     lam: float = 0.95
     group_size: int = 1
     eps: float = 1e-6
+    credit: str = "sequence"  # group estimators: "sequence" (one advantage per sequence) or "token" (reward-to-go)
 
 
 class AdvantageFn(Protocol):
@@ -87,9 +93,35 @@ def _sequence_scores(rewards: Tensor, mask: Tensor, p: AdvantageParams) -> Tenso
     return scores.view(-1, p.group_size)
 
 
+def _grouped_returns_to_go(rewards: Tensor, mask: Tensor, p: AdvantageParams) -> tuple[Tensor, Tensor]:
+    """Each token's reward-to-go and the mask, grouped: (num_prompts, group_size, R) each."""
+    B, R = rewards.shape
+    if B % p.group_size:
+        raise ValueError(f"batch of {B} sequences is not a whole number of groups of {p.group_size}")
+    returns = discounted_returns(rewards, mask, p.gamma)
+    return returns.view(-1, p.group_size, R), mask.view(-1, p.group_size, R)
+
+
+def _check_credit(p: AdvantageParams) -> None:
+    if p.credit not in ("sequence", "token"):
+        raise ValueError(f"algorithm.credit must be 'sequence' or 'token'; got {p.credit!r}")
+
+
 @register_advantage("grpo")
 def grpo(rewards: Tensor, values: Tensor, mask: Tensor, p: AdvantageParams) -> tuple[Tensor, Tensor]:
-    """Group-normalised score: ``(s - mean(group)) / (std(group) + eps)``, the same for every token."""
+    """Group-normalised: ``(g - mean(group)) / (std(group) + eps)`` (unbiased std).
+
+    Sequence credit: ``g`` is the sequence's score, the same for every token. Token credit: ``g`` is the token's
+    reward-to-go, normalised at each position over the group's members that have a token there.
+    """
+    _check_credit(p)
+    if p.credit == "token":
+        g, m = _grouped_returns_to_go(rewards, mask, p)  # (P, k, R)
+        n = m.sum(dim=1, keepdim=True)  # members with a token at each position
+        mean = (g * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        std = torch.sqrt((((g - mean) * m) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1))
+        adv = (g - mean) / (std + p.eps) * m
+        return adv.reshape(mask.shape), g.reshape(mask.shape)
     g = _sequence_scores(rewards, mask, p)
     adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True, unbiased=True) + p.eps)
     adv = adv.reshape(-1, 1) * mask
@@ -98,11 +130,22 @@ def grpo(rewards: Tensor, values: Tensor, mask: Tensor, p: AdvantageParams) -> t
 
 @register_advantage("rloo")
 def rloo(rewards: Tensor, values: Tensor, mask: Tensor, p: AdvantageParams) -> tuple[Tensor, Tensor]:
-    """Leave-one-out baseline: ``s_i - mean_{j != i} s_j`` within the group, the same for every token."""
+    """Leave-one-out baseline: ``g_i - mean_{j != i} g_j`` within the group.
+
+    Sequence credit: ``g`` is the sequence's score, the same for every token. Token credit: ``g`` is the token's
+    reward-to-go, against the other members that have a token at the same position (0 where none has).
+    """
+    _check_credit(p)
+    if p.group_size < 2:
+        raise ValueError("rloo needs rollout.samples_per_prompt >= 2")
+    if p.credit == "token":
+        g, m = _grouped_returns_to_go(rewards, mask, p)  # (P, k, R)
+        others = m.sum(dim=1, keepdim=True) - m  # the other members with a token at each position
+        baseline = ((g * m).sum(dim=1, keepdim=True) - g * m) / others.clamp(min=1)
+        adv = torch.where(others > 0, g - baseline, torch.zeros_like(g)) * m
+        return adv.reshape(mask.shape), g.reshape(mask.shape)
     g = _sequence_scores(rewards, mask, p)
     k = p.group_size
-    if k < 2:
-        raise ValueError("rloo needs rollout.samples_per_prompt >= 2")
     baseline = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
     adv = (g - baseline).reshape(-1, 1) * mask
     return adv, g.reshape(-1, 1) * mask

@@ -49,6 +49,8 @@ class AlgorithmConfig:
 
     advantage: str = "gae"  # gae | grpo | rloo | reinforce
     objective: str = "ppo_clip"  # ppo_clip | vanilla_pg
+    credit: Literal["sequence", "token"] = "sequence"  # grpo/rloo: one advantage per sequence (the papers' form), or
+    #   per token: each token's reward-to-go against the same position in its group (for per-token rewards)
     lr: float = 3e-4
     lr_schedule: list[list[float]] | None = None  # [[iteration, lr], ...] piecewise linear from iteration 0
     adam_eps: float = 1e-5

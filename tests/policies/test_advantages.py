@@ -413,3 +413,64 @@ def test_whiten_matches_reference_and_normalises() -> None:
     assert mean == pytest.approx(0.0, abs=TOL)
     assert std == pytest.approx(1.0, abs=TOL)
     assert out[t(mask) == 0].abs().max().item() == 0.0
+
+
+# ----------------------------------------------------------------------------- token credit (grpo, rloo)
+
+TOKEN = dict(credit="token", gamma=1.0)
+
+
+def test_grpo_token_credit_by_hand() -> None:
+    # One group of 3, per-token rewards; reward-to-go g: [1, 0], [1, 1], [2, 1].
+    # position 0: g = [1, 1, 2], mean 4/3, unbiased std 1/sqrt(3) -> A = [-1/sqrt(3), -1/sqrt(3), 2/sqrt(3)]
+    # position 1: g = [0, 1, 1], mean 2/3, unbiased std 1/sqrt(3) -> A = [-2/sqrt(3), 1/sqrt(3), 1/sqrt(3)]
+    rewards = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    mask = t([[1, 1], [1, 1], [1, 1]])
+    s = 1 / math.sqrt(3)
+    adv, ret = grpo(rewards, torch.zeros_like(rewards), mask, AdvantageParams(group_size=3, eps=0.0, **TOKEN))
+    assert_close(adv, [[-s, -2 * s], [-s, s], [2 * s, s]])
+    assert_close(ret, [[1.0, 0.0], [1.0, 1.0], [2.0, 1.0]])
+
+
+def test_grpo_token_credit_counts_only_members_present_at_a_position() -> None:
+    # row 1 ends after one token. position 0: g = [1, 0, 2], mean 1, std 1 -> A = [0, -1, 1];
+    # position 1: only rows 0 and 2, g = [0, 1], mean 0.5, std sqrt(0.5) -> A = [-sqrt(.5), 0 (padding), sqrt(.5)]
+    rewards = t([[1.0, 0.0], [0.0, GARBAGE], [1.0, 1.0]])
+    mask = t([[1, 1], [1, 0], [1, 1]])
+    h = math.sqrt(0.5)
+    adv, _ = grpo(rewards, torch.zeros_like(rewards), mask, AdvantageParams(group_size=3, eps=0.0, **TOKEN))
+    assert_close(adv, [[0.0, -h], [-1.0, 0.0], [1.0, h]])
+
+
+def test_rloo_token_credit_by_hand() -> None:
+    # reward-to-go as above. position 0: g = [1, 1, 2]: baselines [1.5, 1.5, 1] -> A = [-0.5, -0.5, 1];
+    # position 1: g = [0, 1, 1]: baselines [1, 0.5, 0.5] -> A = [-1, 0.5, 0.5]
+    rewards = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    mask = t([[1, 1], [1, 1], [1, 1]])
+    adv, _ = rloo(rewards, torch.zeros_like(rewards), mask, AdvantageParams(group_size=3, **TOKEN))
+    assert_close(adv, [[-0.5, -1.0], [-0.5, 0.5], [1.0, 0.5]])
+
+
+def test_rloo_token_credit_alone_at_a_position_gets_zero() -> None:
+    rewards = t([[1.0, 3.0], [0.0, GARBAGE]])  # row 0 is the only member with a second token
+    mask = t([[1, 1], [1, 0]])
+    adv, _ = rloo(rewards, torch.zeros_like(rewards), mask, AdvantageParams(group_size=2, **TOKEN))
+    assert_close(adv, [[4.0, 0.0], [-4.0, 0.0]])
+
+
+@pytest.mark.parametrize("fn", [grpo, rloo])
+def test_token_credit_equals_sequence_credit_for_terminal_rewards(fn) -> None:
+    # terminal-only reward and equal lengths: every token's reward-to-go is the sequence score
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.zeros(12, 5, dtype=torch.float64)
+    rewards[:, -1] = torch.rand(12, generator=gen, dtype=torch.float64)
+    mask = torch.ones_like(rewards)
+    seq, _ = fn(rewards, torch.zeros_like(rewards), mask, AdvantageParams(group_size=4))
+    tok, _ = fn(rewards, torch.zeros_like(rewards), mask, AdvantageParams(group_size=4, **TOKEN))
+    assert_close(tok, seq.tolist())
+
+
+def test_unknown_credit_raises() -> None:
+    rewards = torch.ones(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="algorithm.credit"):
+        grpo(rewards, torch.zeros_like(rewards), torch.ones_like(rewards), AdvantageParams(group_size=2, credit="x"))

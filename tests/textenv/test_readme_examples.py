@@ -57,3 +57,22 @@ def test_custom_id_needs_a_task() -> None:
         textenv.EnvConfig(id="textenv/Custom-v0")
     with pytest.raises(ValueError, match="TokenEnv needs a task"):
         gym.make("textenv/Custom-v0")
+
+
+def test_textenv_ids_work_in_a_fresh_interpreter_without_importing_textenv(examples: Path) -> None:
+    """Gymnasium 1.x loads no env plugins; tokengym's installed .pth hook registers textenv/ when gymnasium loads."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, gymnasium as gym\n"
+        "assert 'textenv' in sys.modules, 'importing gymnasium did not register textenv'\n"
+        "env = gym.make('textenv/Custom-v0', task='mytasks:DoubleTask')\n"
+        "env.reset(seed=0)\n"
+        "print(env.spec.id, gym.make('textenv/Reverse-v0').spec.id)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(examples)}  # the README's own task module, nothing of the repository
+    out = subprocess.run([sys.executable, "-c", probe], cwd=examples, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["textenv/Custom-v0", "textenv/Reverse-v0"]

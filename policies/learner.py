@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -175,14 +175,20 @@ def group_rollout_stats(learner_group: Any, batch: dict[str, np.ndarray], microb
     return out
 
 
-def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig) -> dict[str, np.ndarray]:
-    """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes."""
-    lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
-    if policy.lora_rank == 0:
-        return lm
-    from policies.lora import merge_lora_state
+def hf_weights(
+    module_state: dict[str, np.ndarray], policy: PolicyConfig, tied: Collection[str] = ()
+) -> dict[str, np.ndarray]:
+    """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes.
 
-    return merge_lora_state(lm, policy.lora_alpha / policy.lora_rank)
+    ``tied`` names aliases of another parameter (``WeightNames.tied``: ``lm_head.weight`` with tied embeddings);
+    they are left out, as ``save_pretrained`` leaves them out: the engine has no separate tensor for them.
+    """
+    lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
+    if policy.lora_rank > 0:
+        from policies.lora import merge_lora_state
+
+        lm = merge_lora_state(lm, policy.lora_alpha / policy.lora_rank)
+    return {k: v for k, v in lm.items() if k not in tied}
 
 
 class TokenGymRLlibConfig(RLlibAlgorithmConfig):

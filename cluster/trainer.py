@@ -43,7 +43,7 @@ class Trainer:
         self.cfg = cfg
         self.weights_version = 0
         self.adv_params = AdvantageParams(cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt)
-        self.tied_weights = weight_names(model_dir).tied  # aliases the engines do not store (tied lm_head)
+        self.weight_names = weight_names(model_dir)  # tied aliases the engines do not store; Conv1D layouts
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         self.learners = build_learner_group(
@@ -133,7 +133,7 @@ class Trainer:
 
     def sync_weights(self) -> None:
         """Push the learners' weights into every vLLM engine and bump the version the next rollouts must carry."""
-        hf = hf_weights(self.learners.get_weights()[MODULE_ID], self.cfg.policy, self.tied_weights)
+        hf = hf_weights(self.learners.get_weights()[MODULE_ID], self.cfg.policy, self.weight_names)
         self.weights_version += 1
         self.rollouts.load_weights(hf, self.weights_version)
 

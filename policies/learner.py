@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Collection
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from policies.columns import (
 )
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.losses import KL_ESTIMATORS, OBJECTIVES, aggregate, value_loss
-from policies.models import load_causal_lm
+from policies.models import WeightNames, load_causal_lm
 from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule, response_logp
 
 MODULE_ID = "default_policy"
@@ -175,20 +175,19 @@ def group_rollout_stats(learner_group: Any, batch: dict[str, np.ndarray], microb
     return out
 
 
-def hf_weights(
-    module_state: dict[str, np.ndarray], policy: PolicyConfig, tied: Collection[str] = ()
-) -> dict[str, np.ndarray]:
+def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig, names: WeightNames) -> dict[str, np.ndarray]:
     """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes.
 
-    ``tied`` names aliases of another parameter (``WeightNames.tied``: ``lm_head.weight`` with tied embeddings);
-    they are left out, as ``save_pretrained`` leaves them out: the engine has no separate tensor for them.
+    ``names`` (``weight_names(policy directory)``) says which names are tied aliases of another parameter
+    (``lm_head.weight`` with tied embeddings): they are left out, as ``save_pretrained`` leaves them out, since the
+    engine has no tensor of their own; and which weights are stored transposed (GPT-2's Conv1D) for the LoRA merge.
     """
     lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
     if policy.lora_rank > 0:
         from policies.lora import merge_lora_state
 
-        lm = merge_lora_state(lm, policy.lora_alpha / policy.lora_rank)
-    return {k: v for k, v in lm.items() if k not in tied}
+        lm = merge_lora_state(lm, policy.lora_alpha / policy.lora_rank, transposed=names.transposed)
+    return {k: v for k, v in lm.items() if k not in names.tied}
 
 
 class TokenGymRLlibConfig(RLlibAlgorithmConfig):

@@ -155,22 +155,27 @@ def dropout_keys(config: Any) -> list[str]:
 @dataclass(frozen=True)
 class WeightNames:
     """A checkpoint's parameter names as ``transformers`` names them: what ``save_pretrained`` writes and vLLM's
-    ``reload_weights`` takes (``names``), and the aliases of a tied parameter that are not stored (``tied``:
-    ``lm_head.weight`` when the embeddings are tied)."""
+    ``reload_weights`` takes (``names``); the aliases of a tied parameter that are not stored (``tied``:
+    ``lm_head.weight`` when the embeddings are tied); and the weights stored transposed, (in, out), by GPT-2's
+    ``Conv1D`` layers (``transposed``: a LoRA update ``B @ A`` is (out, in) and must be transposed to be added)."""
 
     names: frozenset[str]
     tied: frozenset[str]
+    transposed: frozenset[str]
 
 
 def weight_names(model_dir: str | Path) -> WeightNames:
     """The :class:`WeightNames` of a local HF causal-LM directory (built on the meta device: no weights are read)."""
+    from transformers.pytorch_utils import Conv1D
+
     config = AutoConfig.from_pretrained(Path(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     unique = {name for name, _ in model.named_parameters()}  # a tied parameter under its first (stored) name
     buffers = set(model.state_dict()) - every  # persistent buffers are saved too
-    return WeightNames(names=frozenset(unique | buffers), tied=frozenset(every - unique))
+    transposed = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    return WeightNames(names=frozenset(unique | buffers), tied=frozenset(every - unique), transposed=frozenset(transposed))
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

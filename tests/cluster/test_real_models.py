@@ -50,7 +50,7 @@ def test_tied_checkpoint_weight_sync_and_logprobs(ray_session, real_shaped_model
     try:
         before = group.sample(32, 1, seed=1, version=0)
         assert logprob_gap(learner, before).max() < 1e-4
-        weights = hf_weights(perturbed_weights(learner), PolicyConfig(), names.tied)
+        weights = hf_weights(perturbed_weights(learner), PolicyConfig(), names)
         assert set(weights) == names.names  # GPT-2 included: HF's "transformer.h.0..." names go to vLLM as they are
         group.load_weights(weights, version=1)
         after = group.sample(32, 1, seed=1, version=1)

@@ -12,7 +12,7 @@ from cluster.trainer import build_batch
 from policies.columns import OLD_LOGP, RESPONSE_MASK, SAMPLING_LOGP
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
-from policies.models import load_tokenizer, save_tiny_policy
+from policies.models import load_tokenizer, save_tiny_policy, weight_names
 from tests.conftest import REVERSE_ALPHABET, TINY
 from textenv import EnvConfig
 
@@ -142,7 +142,7 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
     batch[RETURNS], batch[OLD_VALUES] = mask.copy(), np.zeros_like(mask)
     learner.update(batch=MultiAgentBatch({MODULE_ID: SampleBatch(batch)}, env_steps=16), num_epochs=3, minibatch_size=16)
 
-    group.load_weights(hf_weights(learner.get_weights()[MODULE_ID], policy), version=1)
+    group.load_weights(hf_weights(learner.get_weights()[MODULE_ID], policy, weight_names(tiny_model_dir)), version=1)
     try:
         after = group.sample(16, 1, seed=2, version=1)
         b2 = build_batch(after)
@@ -152,6 +152,6 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
         assert np.abs(s2[OLD_LOGP] - b2[SAMPLING_LOGP])[m].mean() < 1e-3  # and vLLM runs exactly the merged model
     finally:
         base = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 0)
-        group.load_weights(hf_weights(base.get_weights()[MODULE_ID], PolicyConfig()), version=0)
+        group.load_weights(hf_weights(base.get_weights()[MODULE_ID], PolicyConfig(), weight_names(tiny_model_dir)), version=0)
         base.shutdown()
         learner.shutdown()

@@ -62,6 +62,9 @@ class VLLMRolloutActor:
             model=engine.model_dir, dtype=engine.dtype, enforce_eager=True, seed=engine.seed + index,
             max_model_len=engine.max_model_len, max_num_seqs=engine.max_num_seqs,
             gpu_memory_utilization=engine.gpu_memory_utilization,
+            # The sampled token's log-prob under the distribution it was drawn from, softmax(logits / T); at T = 1
+            # raw and processed are the same distribution, and raw is what the engine always returned.
+            logprobs_mode="raw_logprobs" if engine.temperature == 1.0 else "processed_logprobs",
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
         self.env_cfg, self._batch_reward = env_cfg, batch_reward

@@ -151,7 +151,7 @@ class TokenPolicyLearner(TorchLearner):
             if VALUES in fwd:
                 cols[OLD_VALUES] = fwd[VALUES]
             if self._ref_lm is not None:
-                cols[REF_LOGP] = response_logp(self._ref_lm, mb)
+                cols[REF_LOGP] = response_logp(self._ref_lm, mb, self.config.temperature)
             for k, v in cols.items():
                 outs.setdefault(k, []).append(v.float().cpu().numpy())
         module.train()
@@ -194,11 +194,12 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
     """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
 
     def __init__(self, algo: AlgorithmConfig | None = None, policy: PolicyConfig | None = None,
-                 policy_model_path: str | None = None):
+                 policy_model_path: str | None = None, temperature: float = 1.0):
         super().__init__()
         self.algo = algo or AlgorithmConfig()
         self.policy = policy or PolicyConfig()
         self.policy_model_path = policy_model_path
+        self.temperature = temperature  # the rollouts' sampling temperature: log-probs, entropy and KL use logits / T
 
     def get_default_learner_class(self) -> type[TokenPolicyLearner]:
         return TokenPolicyLearner
@@ -214,15 +215,21 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
             model_config={
                 "model_path": self.policy_model_path, "value_head": self.policy.value_head, "lora": self.policy.lora_spec(),
                 "critic": self.policy.critic, "critic_model_path": self.policy.critic_model_path or self.policy_model_path,
+                "temperature": self.temperature,
             },
         )
 
 
 def build_learner_group(
-    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float
+    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float,
+    temperature: float = 1.0,
 ) -> Any:
-    """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process)."""
-    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path)
+    """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process).
+
+    ``temperature`` is the rollouts' sampling temperature (``rollout.temperature``): the learner evaluates the policy
+    vLLM samples from, softmax(logits / T), for the policy and the reference alike.
+    """
+    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature)
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

@@ -26,9 +26,15 @@ def response_hidden(body: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     return out.last_hidden_state[:, -R - 1 : -1]
 
 
-def response_logp_all(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the vocabulary from the LM head on ``hidden``, in float32, (B, R, V)."""
-    return torch.log_softmax(lm.get_output_embeddings()(hidden).float(), dim=-1)
+def response_logp_all(lm: torch.nn.Module, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-softmax over the vocabulary from the LM head on ``hidden``, in float32, (B, R, V).
+
+    ``temperature`` is the sampling temperature: the distribution vLLM samples from is softmax(logits / T).
+    """
+    logits = lm.get_output_embeddings()(hidden).float()  # (B, R, V)
+    if temperature != 1.0:  # at T = 1 the computation stays exactly what it always was
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
 
 
 def gather_targets(logp_all: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -37,21 +43,24 @@ def gather_targets(logp_all: torch.Tensor, batch: dict[str, Any]) -> torch.Tenso
     return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def response_logp(lm: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Log-probabilities of the response tokens under a plain HF causal LM (e.g. the frozen reference), (B, R)."""
-    return gather_targets(response_logp_all(lm, response_hidden(lm.base_model, batch)), batch)
+def response_logp(lm: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the response tokens under a plain HF causal LM (e.g. the frozen reference) sampled at
+    ``temperature``, (B, R)."""
+    return gather_targets(response_logp_all(lm, response_hidden(lm.base_model, batch), temperature), batch)
 
 
 class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
     """Wraps any local HF causal LM (``model_config["model_path"]``).
 
     One forward pass over (B, P + R) token rows gives, for every response token, its log-probability, the entropy
-    of the distribution it was drawn from, and (with ``model_config["value_head"]``) the value of the state before it;
-    all (B, R). Prompt and padding positions never enter the outputs.
+    of the distribution it was drawn from (both at the sampling temperature ``model_config["temperature"]``), and
+    (with ``model_config["value_head"]``) the value of the state before it; all (B, R). Prompt and padding positions
+    never enter the outputs.
     """
 
     def setup(self) -> None:
         self.lm = load_causal_lm(self.model_config["model_path"])
+        self.temperature = float(self.model_config.get("temperature", 1.0))
         self.lora = self.model_config.get("lora")
         if self.lora is not None:
             from policies.lora import wrap_with_lora
@@ -76,7 +85,7 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         hidden = response_hidden(self.hf_model.base_model, batch)  # (B, R, H): the state before each response token
-        logp_all = response_logp_all(self.hf_model, hidden)  # (B, R, V)
+        logp_all = response_logp_all(self.hf_model, hidden, self.temperature)  # (B, R, V)
         out = {
             LOGP: gather_targets(logp_all, batch),  # (B, R)
             ENTROPY: -(logp_all.exp() * logp_all).sum(-1),  # (B, R)

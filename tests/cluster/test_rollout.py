@@ -155,3 +155,27 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
         group.load_weights(hf_weights(base.get_weights()[MODULE_ID], PolicyConfig(), weight_names(tiny_model_dir)), version=0)
         base.shutdown()
         learner.shutdown()
+
+
+def test_temperature_learner_evaluates_the_distribution_vllm_samples_from(ray_session, tiny_model_dir: Path) -> None:
+    from dataclasses import replace
+
+    from policies.columns import REF_LOGP
+
+    g = RolloutGroup(1, ENV, replace(engine(tiny_model_dir), temperature=0.7), 0)
+    try:
+        out = g.sample(32, 1, seed=1, version=0)
+    finally:
+        g.shutdown()
+    batch = build_batch(out)
+    mask = batch[RESPONSE_MASK] > 0
+    gaps = {}
+    for t in (0.7, 1.0):
+        learner = build_learner_group(AlgorithmConfig(kl_coef=0.1), PolicyConfig(), str(tiny_model_dir), 0, 0,
+                                      temperature=t)
+        stats = group_rollout_stats(learner, batch, 64)
+        learner.shutdown()
+        gaps[t] = np.abs(stats[OLD_LOGP] - batch[SAMPLING_LOGP])[mask].mean()
+        np.testing.assert_array_equal(stats[REF_LOGP], stats[OLD_LOGP])  # the reference is tempered alike
+    assert gaps[0.7] < 1e-5, gaps  # vLLM returns log softmax(logits / T), and the learner computes the same
+    assert gaps[1.0] > 1e-2, gaps  # the untempered policy is another distribution

@@ -146,12 +146,13 @@ class TokenPolicyLearner(TorchLearner):
         for start in range(0, len(rows), microbatch_size):
             idx = rows[start : start + microbatch_size]
             mb = {k: torch.from_numpy(v[idx]).to(self._device) for k, v in batch.items()}
-            fwd = module.forward_train(mb)
-            cols = {OLD_LOGP: fwd[LOGP]}
-            if VALUES in fwd:
-                cols[OLD_VALUES] = fwd[VALUES]
-            if self._ref_lm is not None:
-                cols[REF_LOGP] = response_logp(self._ref_lm, mb, self.config.temperature)
+            with self._autocast():  # the update's numerics, so that the first PPO ratio is exactly 1
+                fwd = module.forward_train(mb)
+                cols = {OLD_LOGP: fwd[LOGP]}
+                if VALUES in fwd:
+                    cols[OLD_VALUES] = fwd[VALUES]
+                if self._ref_lm is not None:
+                    cols[REF_LOGP] = response_logp(self._ref_lm, mb, self.config.temperature)
             for k, v in cols.items():
                 outs.setdefault(k, []).append(v.float().cpu().numpy())
         module.train()

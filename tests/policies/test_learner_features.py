@@ -149,3 +149,17 @@ def test_gpu_learner_uses_bf16_autocast(tiny_model_dir: Path) -> None:
     assert group._learner._autocast_enabled()
     one_step(group, prepared_batch(group))
     group.shutdown()
+
+
+def test_bf16_rollout_stats_use_the_update_autocast(tiny_model_dir: Path) -> None:
+    """Old log-probs under the same bf16 autocast as the update: the first minibatch's PPO ratio is exactly 1."""
+    group = build_learner_group(AlgorithmConfig(bf16="on", kl_coef=0.1), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    batch = prepared_batch(group)
+    mask = batch[RESPONSE_MASK] > 0
+    with group._learner._autocast(), torch.no_grad():
+        low = group._learner.module[MODULE_ID].forward_train({k: torch.from_numpy(v) for k, v in batch.items()})
+    np.testing.assert_array_equal(low["action_logp"].numpy()[mask], batch[OLD_LOGP][mask])
+    np.testing.assert_array_equal(batch[REF_LOGP][mask], batch[OLD_LOGP][mask])  # the reference is autocast alike
+    stats = one_step(group, batch)
+    assert float(stats["approx_kl"]) == 0.0 and float(stats["clipfrac"]) == 0.0
+    group.shutdown()

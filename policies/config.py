@@ -67,7 +67,7 @@ class AlgorithmConfig:
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast the forward pass to bf16; auto: on GPU learners only
     loss_agg: LossAgg = "token_mean"
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # see policies/losses.py for what each estimates
     kl_in: Literal["reward", "loss"] = "loss"
 
     def __post_init__(self) -> None:
@@ -92,3 +92,8 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.micro_batch_tokens must be >= 1 or null; got {self.micro_batch_tokens}")
         if self.kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef must be >= 0; got {self.kl_coef}")
+        if self.kl_coef > 0 and self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "algorithm.kl_estimator=k1 has zero expected gradient in the loss: use k2 (gradient of KL(pi||ref)) "
+                "or k3 with kl_in=loss, or kl_in=reward for k1"
+            )

@@ -86,6 +86,8 @@ class AlgorithmConfig:
     grad_clip: float | None = 1.0
     micro_batch_tokens: int | None = None  # gradient accumulation: split each minibatch into micro-batches of
     #                                        at most this many (padded) tokens; the gradient is unchanged
+    logits_chunk_tokens: int | None = 512  # the (tokens, vocab) float32 log-softmax exists for at most this many
+    #                                        tokens at a time (recomputed in the backward pass); null: all at once
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast the forward pass to bf16; auto: on GPU learners only
     loss_agg: LossAgg = "token_mean"
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
@@ -102,7 +104,7 @@ class AlgorithmConfig:
         check_ranges("algorithm", self, {
             "lr": ">0", "adam_eps": ">0", "num_epochs": ">=1", "minibatch_size": ">=1", "clip_ratio": ">0",
             "value_clip": ">0", "vf_coef": ">=0", "entropy_coef": ">=0", "gamma": "[0,1]", "lam": "[0,1]",
-            "grad_clip": ">0", "micro_batch_tokens": ">=1", "kl_coef": ">=0",
+            "grad_clip": ">0", "micro_batch_tokens": ">=1", "logits_chunk_tokens": ">=1", "kl_coef": ">=0",
         })
         if self.objective == "vanilla_pg" and self.num_epochs > 1:
             raise ValueError(

@@ -137,9 +137,13 @@ class TokenPolicyLearner(TorchLearner):
         """Pre-update log-probabilities, values and reference log-probabilities of this learner's shard of ``batch``.
 
         With several learners, learner ``k`` of ``n`` takes rows ``k::n``; returns those row indices and the arrays.
+        Forward passes take ``microbatch_size`` rows, fewer when ``algorithm.micro_batch_tokens`` allows fewer.
         """
         rank, world = self._rank_and_world()
         rows = np.arange(len(batch[RESPONSE_MASK]))[rank::world]
+        budget = self.config.algo.micro_batch_tokens
+        if budget is not None:  # the same token budget as the update's micro-batches
+            microbatch_size = min(microbatch_size, max(1, budget // batch[INPUT_IDS].shape[1]))
         module = self.module[MODULE_ID].unwrapped()
         module.eval()
         outs: dict[str, list[np.ndarray]] = {}
@@ -152,7 +156,9 @@ class TokenPolicyLearner(TorchLearner):
                 if VALUES in fwd:
                     cols[OLD_VALUES] = fwd[VALUES]
                 if self._ref_lm is not None:
-                    cols[REF_LOGP] = response_logp(self._ref_lm, mb, self.config.temperature)
+                    cols[REF_LOGP] = response_logp(
+                        self._ref_lm, mb, self.config.temperature, self.config.algo.logits_chunk_tokens
+                    )
             for k, v in cols.items():
                 outs.setdefault(k, []).append(v.float().cpu().numpy())
         module.train()
@@ -216,7 +222,7 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
             model_config={
                 "model_path": self.policy_model_path, "value_head": self.policy.value_head, "lora": self.policy.lora_spec(),
                 "critic": self.policy.critic, "critic_model_path": self.policy.critic_model_path or self.policy_model_path,
-                "temperature": self.temperature,
+                "temperature": self.temperature, "logits_chunk_tokens": self.algo.logits_chunk_tokens,
             },
         )
 

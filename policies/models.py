@@ -179,11 +179,21 @@ def weight_names(model_dir: str | Path) -> WeightNames:
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a local Hugging Face causal LM directory; the error names the directory when it is not one."""
+    """Load a local Hugging Face causal LM directory with every dropout probability set to 0.
+
+    RL needs the policy it trains to be the policy that sampled: hub configs often keep their pre-training dropout
+    (GPT-2: 0.1 on residuals, embeddings and attention), which would make the PPO ratio differ from 1 by noise alone
+    and the learner's log-probs differ from vLLM's (which never drops out). The policy, the frozen reference and a
+    separate critic all load through here.
+    """
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"policy.model_path {str(path)!r} is not a Hugging Face model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    config = AutoConfig.from_pretrained(path)
+    for sub_config in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key in dropout_keys(sub_config):
+            setattr(sub_config, key, 0.0)
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
 
 
 def load_backbone(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -8,6 +8,13 @@ Goal (issue 4): ours / bare time <= 1.3.
 
     .venv/bin/python bench/learner.py                      # tiny default policy on CPU
     .venv/bin/python bench/learner.py --preset qwen2-0.5b   # ~0.5B Qwen2 built from its config (use a GPU)
+    .venv/bin/python bench/learner.py --memory --layers 2   # Qwen2-0.5B vocabulary: log-softmax chunked or not
+
+``--memory``: a random Qwen2-0.5B-shaped model (hidden 896, 14/2 heads, vocabulary 151,936, tied embeddings;
+``--layers`` of its 24 layers) at a small batch; ``rollout_stats`` then one update per step, with the log-softmax
+over the vocabulary all at once (``algorithm.logits_chunk_tokens=null``, as before chunking) and chunked. Each
+variant runs in its own process, one after the other, and reports tokens/s and its peak RSS during the steps
+(Linux ``VmHWM``, reset after a warm-up step so that loading and Adam's state allocation do not count).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +36,97 @@ PRESETS = {
 }
 
 
+def _proc_status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _memory_variant(model_dir: str, chunk: int | None, B: int, P: int, R: int, steps: int, out: "Any") -> None:
+    """One variant of ``--memory`` in a fresh process: warm-up, reset the peak RSS, then ``steps`` timed steps."""
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    from cluster.trainer import build_batch
+    from policies.columns import ADVANTAGES, RETURNS
+    from policies.config import AlgorithmConfig, PolicyConfig
+    from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
+
+    torch.manual_seed(0)
+    algo = AlgorithmConfig(minibatch_size=B, num_epochs=1, logits_chunk_tokens=chunk)
+    group = build_learner_group(algo, PolicyConfig(arch="qwen2"), model_dir, 0, 0)
+    rng = np.random.default_rng(0)
+    V = 151_936
+    batch = build_batch({
+        "prompt_ids": rng.integers(0, V, (B, P)), "prompt_length": np.full(B, P),
+        "response_ids": rng.integers(0, V, (B, R)), "response_length": np.full(B, R),
+        "rewards": rng.random((B, R)).astype(np.float32), "sampling_logp": np.zeros((B, R), np.float32),
+    })
+    batch[ADVANTAGES] = rng.standard_normal((B, R)).astype(np.float32)
+    batch[RETURNS] = rng.random((B, R)).astype(np.float32)
+
+    def step() -> None:
+        batch.update(group_rollout_stats(group, batch, B))
+        group.update(batch=MultiAgentBatch({MODULE_ID: SampleBatch(dict(batch))}, env_steps=B), num_epochs=1,
+                     minibatch_size=B, shuffle_batch_per_epoch=False)
+
+    step()  # warm-up: Adam's state is allocated here
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+    rss_before = _proc_status_kib("VmRSS")
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    out.put({"chunk": chunk, "tokens_per_s": steps * B * (P + R) / elapsed, "step_s": elapsed / steps,
+             "peak_gib": _proc_status_kib("VmHWM") / 2**20, "peak_above_gib": (_proc_status_kib("VmHWM") - rss_before) / 2**20})
+    group.shutdown()
+
+
+def memory_main(args: argparse.Namespace) -> None:
+    import multiprocessing as mp
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    B, P, R = args.batch, 32, args.response
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=151_936, hidden_size=896, num_hidden_layers=args.layers, num_attention_heads=14,
+        num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096, tie_word_embeddings=True,
+    )
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        params_m = sum(x.numel() for x in model.parameters()) / 1e6
+        model.save_pretrained(tmp)
+        del model
+        rows = []
+        for chunk in (None, args.chunk):
+            out = ctx.Queue()
+            proc = ctx.Process(target=_memory_variant, args=(tmp, chunk, B, P, R, args.repeats, out))
+            proc.start()
+            rows.append(out.get())
+            proc.join()
+    print(f"Qwen2-0.5B-shaped, {args.layers} of 24 layers ({params_m:.0f}M params), vocab 151,936, tied; batch {B} x "
+          f"({P} prompt + {R} response) tokens, cpu, rollout_stats + one update per step, {args.repeats} steps")
+    for r in rows:
+        name = "whole vocab at once (before)" if r["chunk"] is None else f"chunked, {r['chunk']} tokens (after)"
+        print(f"  {name:32s} {r['tokens_per_s']:8.1f} tokens/s  {r['step_s']:6.2f} s/step  peak RSS "
+              f"{r['peak_gib']:5.2f} GiB  ({r['peak_above_gib']:+.2f} GiB over the steady state)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--memory", action="store_true", help="the Qwen2-0.5B-vocabulary memory comparison")
+    ap.add_argument("--layers", type=int, default=24, help="--memory: transformer layers (of Qwen2-0.5B's 24)")
+    ap.add_argument("--batch", type=int, default=4, help="--memory: sequences per step")
+    ap.add_argument("--response", type=int, default=128, help="--memory: response tokens per sequence")
+    ap.add_argument("--chunk", type=int, default=128, help="--memory: algorithm.logits_chunk_tokens of 'after'")
     args = ap.parse_args()
+    if args.memory:
+        return memory_main(args)
     p = PRESETS[args.preset]
     gpu = torch.cuda.is_available()
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from policies.advantages import NEEDS_CRITIC
-from policies.config import AlgorithmConfig, PolicyConfig
+from policies.config import AlgorithmConfig, PolicyConfig, check_ranges
 from textenv.config import EnvConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -46,13 +46,11 @@ class RolloutConfig:
     #   raised to the longest prompt + response when chunked prefill is off). Activation memory grows with it.
 
     def __post_init__(self) -> None:
-        for name in ("num_actors", "prompts_per_iteration", "samples_per_prompt", "kv_cache_gib"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name} must be >= 1; got {getattr(self, name)}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(f"rollout.max_num_batched_tokens must be >= 1 or null; got {self.max_num_batched_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0 (sampling); got {self.temperature}")
+        check_ranges("rollout", self, {
+            "num_actors": ">=1", "prompts_per_iteration": ">=1", "samples_per_prompt": ">=1", "kv_cache_gib": ">=1",
+            "max_num_batched_tokens": ">=1",
+            "temperature": ">0", "gpu_memory_utilization": "(0,1]", "num_gpus_per_actor": ">=0",
+        })
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,7 @@ class ClusterConfig:
     num_gpus_per_learner: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_learners < 0:
-            raise ValueError(f"cluster.num_learners must be >= 0; got {self.num_learners}")
+        check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0"})
 
 
 @dataclass(frozen=True)
@@ -87,10 +84,7 @@ class RewardModelConfig:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"reward_model.batch_size must be >= 1; got {self.batch_size}")
-        if self.num_gpus < 0:
-            raise ValueError(f"reward_model.num_gpus must be >= 0; got {self.num_gpus}")
+        check_ranges("reward_model", self, {"batch_size": ">=1", "num_gpus": ">=0"})
         if isinstance(self.label, int) and self.label < 0:
             raise ValueError(f"reward_model.label must be a class index >= 0 or a label name; got {self.label}")
         try:
@@ -135,10 +129,11 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1; got {self.iterations}")
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
+        for name in ("iterations", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy, torch and vLLM); got {self.seed}")
         algo, rollout = self.algorithm, self.rollout
         if algo.advantage in NEEDS_CRITIC and not self.policy.value_head:
             raise ValueError(f"algorithm.advantage={algo.advantage!r} needs a critic: set policy.value_head=true")

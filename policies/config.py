@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from policies.advantages import ADVANTAGES
 from policies.losses import KL_ESTIMATORS, OBJECTIVES, LossAgg
+
+
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    ">0": (lambda v: v > 0, "> 0"),
+    ">=0": (lambda v: v >= 0, ">= 0"),
+    ">=1": (lambda v: v >= 1, ">= 1"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_ranges(section: str, obj: Any, rules: dict[str, str]) -> None:
+    """Each field named in ``rules`` lies in its range (a key of ``RANGES``); ``None`` passes (an optional field)."""
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        ok, what = RANGES[rule]
+        if value is not None and not ok(value):
+            optional = "None" in str(obj.__dataclass_fields__[name].type)  # e.g. "float | None"
+            raise ValueError(f"{section}.{name} must be {what}{' or null' if optional else ''}; got {value}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"policy.lora_rank must be >= 0 (0 turns LoRA off); got {self.lora_rank}")
+        check_ranges("policy", self, {"hidden_size": ">=1", "num_layers": ">=1", "num_heads": ">=1",
+                                      "intermediate_size": ">=1", "lora_alpha": ">0", "lora_dropout": "[0,1)"})
         if self.hidden_size % self.num_heads:
             raise ValueError(f"policy.hidden_size ({self.hidden_size}) must be divisible by policy.num_heads ({self.num_heads})")
 
@@ -66,10 +88,12 @@ class AlgorithmConfig:
     grad_clip: float | None = 1.0
     micro_batch_tokens: int | None = None  # gradient accumulation: split each minibatch into micro-batches of
     #                                        at most this many (padded) tokens; the gradient is unchanged
+    logits_chunk_tokens: int | None = 512  # the (tokens, vocab) float32 log-softmax exists for at most this many
+    #                                        tokens at a time (recomputed in the backward pass); null: all at once
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast the forward pass to bf16; auto: on GPU learners only
     loss_agg: LossAgg = "token_mean"
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # see policies/losses.py for what each estimates
     kl_in: Literal["reward", "loss"] = "loss"
 
     def __post_init__(self) -> None:
@@ -79,18 +103,26 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.objective must be one of {sorted(OBJECTIVES)}; got {self.objective!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"algorithm.kl_estimator must be one of {sorted(KL_ESTIMATORS)}; got {self.kl_estimator!r}")
-        for name in ("lr", "num_epochs", "minibatch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"algorithm.{name} must be > 0; got {getattr(self, name)}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"algorithm.gamma and algorithm.lam must lie in [0, 1]; got {self.gamma}, {self.lam}")
+        check_ranges("algorithm", self, {
+            "lr": ">0", "adam_eps": ">0", "num_epochs": ">=1", "minibatch_size": ">=1", "clip_ratio": ">0",
+            "value_clip": ">0", "vf_coef": ">=0", "entropy_coef": ">=0", "gamma": "[0,1]", "lam": "[0,1]",
+            "grad_clip": ">0", "micro_batch_tokens": ">=1", "logits_chunk_tokens": ">=1", "kl_coef": ">=0",
+        })
+        if self.objective == "vanilla_pg" and self.num_epochs > 1:
+            raise ValueError(
+                f"algorithm.objective=vanilla_pg has no importance ratio, so epochs after the first are off-policy: "
+                f"use num_epochs=1 or objective=ppo_clip; got num_epochs={self.num_epochs}"
+            )
         if self.lr_schedule is not None:
             steps = [pair[0] for pair in self.lr_schedule]
-            if any(len(pair) != 2 for pair in self.lr_schedule) or steps[:1] != [0] or steps != sorted(steps):
+            if (any(len(pair) != 2 or pair[1] < 0 for pair in self.lr_schedule) or steps[:1] != [0]
+                    or steps != sorted(steps)):
                 raise ValueError(
-                    f"algorithm.lr_schedule must be [[0, lr0], [iteration, lr], ...] with rising iterations; got {self.lr_schedule}"
+                    f"algorithm.lr_schedule must be [[0, lr0], [iteration, lr], ...] with rising iterations and lr >= 0; "
+                    f"got {self.lr_schedule}"
                 )
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
-            raise ValueError(f"algorithm.micro_batch_tokens must be >= 1 or null; got {self.micro_batch_tokens}")
-        if self.kl_coef < 0:
-            raise ValueError(f"algorithm.kl_coef must be >= 0; got {self.kl_coef}")
+        if self.kl_coef > 0 and self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "algorithm.kl_estimator=k1 has zero expected gradient in the loss: use k2 (gradient of KL(pi||ref)) "
+                "or k3 with kl_in=loss, or kl_in=reward for k1"
+            )

@@ -18,7 +18,7 @@ from policies.columns import (
 )
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.losses import KL_ESTIMATORS, OBJECTIVES, aggregate, value_loss
-from policies.models import load_causal_lm
+from policies.models import WeightNames, load_causal_lm
 from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule, response_logp
 
 MODULE_ID = "default_policy"
@@ -137,21 +137,28 @@ class TokenPolicyLearner(TorchLearner):
         """Pre-update log-probabilities, values and reference log-probabilities of this learner's shard of ``batch``.
 
         With several learners, learner ``k`` of ``n`` takes rows ``k::n``; returns those row indices and the arrays.
+        Forward passes take ``microbatch_size`` rows, fewer when ``algorithm.micro_batch_tokens`` allows fewer.
         """
         rank, world = self._rank_and_world()
         rows = np.arange(len(batch[RESPONSE_MASK]))[rank::world]
+        budget = self.config.algo.micro_batch_tokens
+        if budget is not None:  # the same token budget as the update's micro-batches
+            microbatch_size = min(microbatch_size, max(1, budget // batch[INPUT_IDS].shape[1]))
         module = self.module[MODULE_ID].unwrapped()
         module.eval()
         outs: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(rows), microbatch_size):
             idx = rows[start : start + microbatch_size]
             mb = {k: torch.from_numpy(v[idx]).to(self._device) for k, v in batch.items()}
-            fwd = module.forward_train(mb)
-            cols = {OLD_LOGP: fwd[LOGP]}
-            if VALUES in fwd:
-                cols[OLD_VALUES] = fwd[VALUES]
-            if self._ref_lm is not None:
-                cols[REF_LOGP] = response_logp(self._ref_lm, mb)
+            with self._autocast():  # the update's numerics, so that the first PPO ratio is exactly 1
+                fwd = module.forward_train(mb)
+                cols = {OLD_LOGP: fwd[LOGP]}
+                if VALUES in fwd:
+                    cols[OLD_VALUES] = fwd[VALUES]
+                if self._ref_lm is not None:
+                    cols[REF_LOGP] = response_logp(
+                        self._ref_lm, mb, self.config.temperature, self.config.algo.logits_chunk_tokens
+                    )
             for k, v in cols.items():
                 outs.setdefault(k, []).append(v.float().cpu().numpy())
         module.train()
@@ -175,25 +182,31 @@ def group_rollout_stats(learner_group: Any, batch: dict[str, np.ndarray], microb
     return out
 
 
-def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig) -> dict[str, np.ndarray]:
-    """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes."""
-    lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
-    if policy.lora_rank == 0:
-        return lm
-    from policies.lora import merge_lora_state
+def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig, names: WeightNames) -> dict[str, np.ndarray]:
+    """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes.
 
-    return merge_lora_state(lm, policy.lora_alpha / policy.lora_rank)
+    ``names`` (``weight_names(policy directory)``) says which names are tied aliases of another parameter
+    (``lm_head.weight`` with tied embeddings): they are left out, as ``save_pretrained`` leaves them out, since the
+    engine has no tensor of their own; and which weights are stored transposed (GPT-2's Conv1D) for the LoRA merge.
+    """
+    lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
+    if policy.lora_rank > 0:
+        from policies.lora import merge_lora_state
+
+        lm = merge_lora_state(lm, policy.lora_alpha / policy.lora_rank, transposed=names.transposed)
+    return {k: v for k, v in lm.items() if k not in names.tied}
 
 
 class TokenGymRLlibConfig(RLlibAlgorithmConfig):
     """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
 
     def __init__(self, algo: AlgorithmConfig | None = None, policy: PolicyConfig | None = None,
-                 policy_model_path: str | None = None):
+                 policy_model_path: str | None = None, temperature: float = 1.0):
         super().__init__()
         self.algo = algo or AlgorithmConfig()
         self.policy = policy or PolicyConfig()
         self.policy_model_path = policy_model_path
+        self.temperature = temperature  # the rollouts' sampling temperature: log-probs, entropy and KL use logits / T
 
     def get_default_learner_class(self) -> type[TokenPolicyLearner]:
         return TokenPolicyLearner
@@ -209,15 +222,21 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
             model_config={
                 "model_path": self.policy_model_path, "value_head": self.policy.value_head, "lora": self.policy.lora_spec(),
                 "critic": self.policy.critic, "critic_model_path": self.policy.critic_model_path or self.policy_model_path,
+                "temperature": self.temperature, "logits_chunk_tokens": self.algo.logits_chunk_tokens,
             },
         )
 
 
 def build_learner_group(
-    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float
+    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float,
+    temperature: float = 1.0,
 ) -> Any:
-    """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process)."""
-    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path)
+    """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process).
+
+    ``temperature`` is the rollouts' sampling temperature (``rollout.temperature``): the learner evaluates the policy
+    vLLM samples from, softmax(logits / T), for the policy and the reference alike.
+    """
+    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature)
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -16,18 +16,25 @@ def wrap_with_lora(lm: torch.nn.Module, spec: dict[str, Any]) -> torch.nn.Module
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ImportError("policy.lora_rank > 0 needs peft: pip install 'tokengym[lora]'") from None
+    from transformers.pytorch_utils import Conv1D
+
     config = LoraConfig(
         r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
         target_modules=spec["target_modules"] or "all-linear", bias="none",
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in lm.modules()),  # GPT-2 stores its weights (in, out)
     )
     return get_peft_model(lm, config)
 
 
-def merge_lora_state(state: dict[str, np.ndarray], scaling: float) -> dict[str, np.ndarray]:
+def merge_lora_state(
+    state: dict[str, np.ndarray], scaling: float, transposed: Collection[str] = ()
+) -> dict[str, np.ndarray]:
     """Hugging Face weights with every adapter folded in: ``W + scaling * B @ A`` under the base model's names.
 
     ``state`` is the peft model's state dict (names under ``base_model.model.``, with ``.base_layer.weight`` and
     ``.lora_A.<adapter>.weight`` / ``.lora_B.<adapter>.weight``); names without adapters pass through unchanged.
+    Weights named in ``transposed`` are stored (in, out) (GPT-2's Conv1D; peft's ``fan_in_fan_out``): they get
+    ``W + scaling * (B @ A).T``.
     """
     merged: dict[str, np.ndarray] = {}
     adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -40,5 +47,6 @@ def merge_lora_state(state: dict[str, np.ndarray], scaling: float) -> dict[str, 
             merged[name.replace(".base_layer.", ".")] = np.asarray(value)
     for layer, ab in adapters.items():
         key = f"{layer}.weight"
-        merged[key] = (merged[key] + scaling * (ab["B"] @ ab["A"])).astype(merged[key].dtype)
+        delta = ab["B"] @ ab["A"]  # (out, in)
+        merged[key] = (merged[key] + scaling * (delta.T if key in transposed else delta)).astype(merged[key].dtype)
     return merged

@@ -86,7 +86,15 @@ def value_loss(
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    # Both estimate KL(pi || pi_ref) from samples of pi; k3 is unbiased and always >= 0 (Schulman, 2020).
+    # Per-token estimators from samples x ~ pi (Schulman, 2020), with log r = log pi_ref(x) - log pi(x).
+    # Their values, and the expected gradient each gives when added to the loss as it is (the samples held fixed):
+    # k1 = -log r: unbiased for KL(pi || pi_ref), but its expected gradient E_pi[grad log pi] is 0, so it does
+    #      nothing in the loss (config refuses it there); in the reward, the policy gradient carries it correctly.
     "k1": lambda logp, ref_logp: logp - ref_logp,
+    # k2 = (log r)^2 / 2: biased (close to KL(pi || pi_ref) when the two are close), but its expected gradient
+    #      E_pi[-log r grad log pi] is exactly the gradient of KL(pi || pi_ref): the reverse-KL penalty in the loss.
+    "k2": lambda logp, ref_logp: 0.5 * (logp - ref_logp) ** 2,
+    # k3 = r - 1 - log r: unbiased for KL(pi || pi_ref) and always >= 0, but its expected gradient
+    #      E_pi[(1 - r) grad log pi] = -E_pi_ref[grad log pi] is the gradient of the forward KL(pi_ref || pi).
     "k3": lambda logp, ref_logp: torch.exp(ref_logp - logp) - (ref_logp - logp) - 1.0,
 }

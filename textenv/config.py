@@ -25,6 +25,9 @@ class EnvConfig:
     on_reward_error: Literal["raise", "failure_value"] = "raise"
 
     def __post_init__(self) -> None:
+        for name in ("max_response_tokens", "max_prompt_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"env.{name} must be >= 1 or null (the task's own limit); got {getattr(self, name)}")
         if not self.id.startswith("textenv/"):
             raise ValueError(f"env.id must be a registered textenv id such as 'textenv/Reverse-v0'; got {self.id!r}")
         if self.id not in gym.registry:

@@ -12,7 +12,7 @@ from cluster.trainer import build_batch
 from policies.columns import OLD_LOGP, RESPONSE_MASK, SAMPLING_LOGP
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
-from policies.models import load_tokenizer, save_tiny_policy
+from policies.models import load_tokenizer, save_tiny_policy, weight_names
 from tests.conftest import REVERSE_ALPHABET, TINY
 from textenv import EnvConfig
 
@@ -107,7 +107,7 @@ def test_weight_sync_changes_the_policy_and_restores_it(group: RolloutGroup, tin
 
 
 def test_unknown_weight_names_are_refused_before_touching_the_engine(group: RolloutGroup) -> None:
-    with pytest.raises(ValueError, match="not parameters of the rollout model"):
+    with pytest.raises(ValueError, match=r"unknown \[.model.no_such_layer.weight.\]"):
         group.load_weights({"model.no_such_layer.weight": np.zeros((2, 2), np.float32)}, version=0)
     group.sample(4, 1, seed=0, version=0)  # still healthy
 
@@ -142,7 +142,7 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
     batch[RETURNS], batch[OLD_VALUES] = mask.copy(), np.zeros_like(mask)
     learner.update(batch=MultiAgentBatch({MODULE_ID: SampleBatch(batch)}, env_steps=16), num_epochs=3, minibatch_size=16)
 
-    group.load_weights(hf_weights(learner.get_weights()[MODULE_ID], policy), version=1)
+    group.load_weights(hf_weights(learner.get_weights()[MODULE_ID], policy, weight_names(tiny_model_dir)), version=1)
     try:
         after = group.sample(16, 1, seed=2, version=1)
         b2 = build_batch(after)
@@ -152,6 +152,30 @@ def test_lora_policy_pushes_merged_weights(group: RolloutGroup, tiny_model_dir: 
         assert np.abs(s2[OLD_LOGP] - b2[SAMPLING_LOGP])[m].mean() < 1e-3  # and vLLM runs exactly the merged model
     finally:
         base = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 0)
-        group.load_weights(hf_weights(base.get_weights()[MODULE_ID], PolicyConfig()), version=0)
+        group.load_weights(hf_weights(base.get_weights()[MODULE_ID], PolicyConfig(), weight_names(tiny_model_dir)), version=0)
         base.shutdown()
         learner.shutdown()
+
+
+def test_temperature_learner_evaluates_the_distribution_vllm_samples_from(ray_session, tiny_model_dir: Path) -> None:
+    from dataclasses import replace
+
+    from policies.columns import REF_LOGP
+
+    g = RolloutGroup(1, ENV, replace(engine(tiny_model_dir), temperature=0.7), 0)
+    try:
+        out = g.sample(32, 1, seed=1, version=0)
+    finally:
+        g.shutdown()
+    batch = build_batch(out)
+    mask = batch[RESPONSE_MASK] > 0
+    gaps = {}
+    for t in (0.7, 1.0):
+        learner = build_learner_group(AlgorithmConfig(kl_coef=0.1), PolicyConfig(), str(tiny_model_dir), 0, 0,
+                                      temperature=t)
+        stats = group_rollout_stats(learner, batch, 64)
+        learner.shutdown()
+        gaps[t] = np.abs(stats[OLD_LOGP] - batch[SAMPLING_LOGP])[mask].mean()
+        np.testing.assert_array_equal(stats[REF_LOGP], stats[OLD_LOGP])  # the reference is tempered alike
+    assert gaps[0.7] < 1e-5, gaps  # vLLM returns log softmax(logits / T), and the learner computes the same
+    assert gaps[1.0] > 1e-2, gaps  # the untempered policy is another distribution

@@ -119,8 +119,10 @@ def test_separate_critic_has_its_own_transformer(tiny_model_dir: Path) -> None:
     critic_keys = [k for k in before if k.startswith("critic_body.")]
     assert critic_keys and any(not np.array_equal(before[k], after[k]) for k in critic_keys)
     from policies.learner import hf_weights
+    from policies.models import weight_names
 
-    assert not any("critic" in k or "value_head" in k for k in hf_weights(after, policy))  # vLLM gets the policy only
+    pushed = hf_weights(after, policy, weight_names(tiny_model_dir))
+    assert not any("critic" in k or "value_head" in k for k in pushed)  # vLLM gets the policy only
     group.shutdown()
 
 
@@ -146,4 +148,77 @@ def test_gpu_learner_uses_bf16_autocast(tiny_model_dir: Path) -> None:
     group = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 1)
     assert group._learner._autocast_enabled()
     one_step(group, prepared_batch(group))
+    group.shutdown()
+
+
+def test_bf16_rollout_stats_use_the_update_autocast(tiny_model_dir: Path) -> None:
+    """Old log-probs under the same bf16 autocast as the update: the first minibatch's PPO ratio is exactly 1."""
+    group = build_learner_group(AlgorithmConfig(bf16="on", kl_coef=0.1), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    batch = prepared_batch(group)
+    mask = batch[RESPONSE_MASK] > 0
+    with group._learner._autocast(), torch.no_grad():
+        low = group._learner.module[MODULE_ID].forward_train({k: torch.from_numpy(v) for k, v in batch.items()})
+    np.testing.assert_array_equal(low["action_logp"].numpy()[mask], batch[OLD_LOGP][mask])
+    np.testing.assert_array_equal(batch[REF_LOGP][mask], batch[OLD_LOGP][mask])  # the reference is autocast alike
+    stats = one_step(group, batch)
+    assert float(stats["approx_kl"]) == 0.0 and float(stats["clipfrac"]) == 0.0
+    group.shutdown()
+
+
+def test_chunked_logp_and_entropy_equal_the_whole_vocabulary_pass(tiny_model_dir: Path) -> None:
+    from policies.models import load_causal_lm
+    from policies.rl_module import response_hidden, response_targets, token_logp_entropy
+
+    lm = load_causal_lm(tiny_model_dir)
+    batch = {k: torch.from_numpy(v) for k, v in build_batch(ragged_rollouts(np.random.default_rng(0), n=16)).items()}
+    targets = response_targets(batch)
+
+    def run(chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        lm.zero_grad()
+        logp, entropy = token_logp_entropy(lm, response_hidden(lm.base_model, batch), targets, 1.0, chunk)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        return logp.detach(), entropy.detach(), [p.grad.clone() for p in lm.parameters()]
+
+    with torch.no_grad():  # the computation as it was: one (B, R, V) log-softmax
+        logp_all = torch.log_softmax(lm.get_output_embeddings()(response_hidden(lm.base_model, batch)).float(), -1)
+        before = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+    whole, fits, chunked = run(None), run(512), run(7)  # 16 x 5 = 80 response tokens
+    for got in (whole, fits):
+        assert torch.equal(got[0], before[0]) and torch.equal(got[1], before[1])
+    assert all(torch.equal(a, b) for a, b in zip(whole[2], fits[2]))
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])  # rows are independent
+    for a, b in zip(chunked[2], whole[2]):  # gradients flow through the recomputed chunks
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_stats_micro_batch_by_the_token_budget(tiny_model_dir: Path) -> None:
+    group = build_learner_group(AlgorithmConfig(micro_batch_tokens=44), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    whole = build_learner_group(AlgorithmConfig(), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    batch = build_batch(ragged_rollouts(np.random.default_rng(0), n=8))  # rows of 11 tokens: 4 rows per pass
+    sizes: list[int] = []
+    body = group._learner.module[MODULE_ID].hf_model.base_model
+    hook = body.register_forward_hook(lambda mod, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    stats = group_rollout_stats(group, batch, 64)
+    hook.remove()
+    assert sizes == [4, 4]
+    np.testing.assert_allclose(stats[OLD_LOGP], group_rollout_stats(whole, batch, 64)[OLD_LOGP], atol=1e-6)
+    group.shutdown()
+    whole.shutdown()
+
+
+def test_dropout_is_forced_off_for_policy_reference_and_critic(tmp_path: Path) -> None:
+    """Hub GPT-2 configs ship dropout 0.1: the learner turns it off, so the first PPO ratio is exactly 1."""
+    from policies.models import dropout_keys, save_bpe_policy
+    from tests.conftest import REAL_SHAPED
+
+    model_dir = save_bpe_policy(tmp_path / "gpt2", "gpt2", dropout=0.1, **REAL_SHAPED)
+    policy = PolicyConfig(critic="separate")
+    group = build_learner_group(AlgorithmConfig(kl_coef=0.1), policy, str(model_dir), 0, 0)
+    module = group._learner.module[MODULE_ID]
+    for config in (module.hf_model.config, module.critic_body.config, group._learner._ref_lm.config):
+        assert dropout_keys(config) and all(getattr(config, k) == 0.0 for k in dropout_keys(config))
+    batch = prepared_batch(group)
+    stats = one_step(group, batch)  # rollout_stats ran in eval mode, the update in train mode
+    assert float(stats["approx_kl"]) == 0.0 and float(stats["clipfrac"]) == 0.0
     group.shutdown()

@@ -14,7 +14,7 @@ from policies.columns import ADVANTAGES, INPUT_IDS, LOGP, OLD_LOGP, OLD_VALUES, 
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.learner import MODULE_ID, build_learner_group, hf_weights
 from policies.lora import merge_lora_state
-from policies.models import load_causal_lm
+from policies.models import load_causal_lm, weight_names
 
 from test_learner import ragged_rollouts  # noqa: E402  (same folder)
 
@@ -46,7 +46,7 @@ def test_only_adapters_and_value_head_train(tiny_model_dir: Path) -> None:
     assert all("lora_" in k or k.startswith("value_head") for k in changed), sorted(changed)[:5]
 
     # The merged plain weights are the adapted model: same names as the base checkpoint, same outputs.
-    merged = hf_weights(after, LORA)
+    merged = hf_weights(after, LORA, weight_names(tiny_model_dir))
     base = load_causal_lm(tiny_model_dir)
     assert set(merged) == set(base.state_dict())
     assert not np.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
@@ -84,3 +84,30 @@ def test_merge_lora_state_by_hand() -> None:
 def test_lora_rank_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         PolicyConfig(lora_rank=-1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_merged_weights_match_peft_merge_and_unload(tmp_path: Path, arch: str) -> None:
+    """GPT-2's Conv1D layers store weights (in, out) (peft's fan_in_fan_out): the merge must transpose B @ A."""
+    from policies.models import save_tiny_policy
+    from tests.conftest import REVERSE_ALPHABET, TINY
+
+    model_dir = save_tiny_policy(tmp_path / arch, REVERSE_ALPHABET, seed=0, arch=arch, **TINY)
+    group = build_learner_group(AlgorithmConfig(), LORA, str(model_dir), 0, 0)
+    state = group.get_weights()[MODULE_ID]
+    rng = np.random.default_rng(0)  # lora_B starts at zero: give every adapter a non-zero update
+    group.set_weights({MODULE_ID: {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) if "lora_B" in k else v
+                                   for k, v in state.items()}})
+    module = group._learner.module[MODULE_ID]
+    names = weight_names(model_dir)
+    assert bool(names.transposed) == (arch == "gpt2")
+    merged = hf_weights(group.get_weights()[MODULE_ID], LORA, names)
+    ours = load_causal_lm(model_dir).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in merged.items()})
+    peft = module.merged_hf_model().eval()  # peft's merge_and_unload
+    ids = torch.from_numpy(np.random.default_rng(1).integers(2, 11, (4, 9)))
+    with torch.no_grad():
+        expected, got, unmerged = peft(input_ids=ids).logits, ours(input_ids=ids).logits, load_causal_lm(model_dir)(input_ids=ids).logits
+    assert (expected - unmerged).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    group.shutdown()

@@ -80,7 +80,7 @@ def random_batch(seed: int, batch: int, width: int):
 def test_registries_hold_the_documented_names() -> None:
     assert {"ppo_clip", "vanilla_pg"} <= set(OBJECTIVES)
     assert OBJECTIVES["ppo_clip"] is ppo_clip and OBJECTIVES["vanilla_pg"] is vanilla_pg
-    assert {"k1", "k3"} <= set(KL_ESTIMATORS)
+    assert {"k1", "k2", "k3"} <= set(KL_ESTIMATORS)
 
 
 # ----------------------------------------------------------------------------- aggregate
@@ -357,3 +357,46 @@ def test_k1_and_k3_average_to_the_true_kl_over_samples() -> None:
     for name in ("k1", "k3"):
         est = KL_ESTIMATORS[name](logp, ref).mean().item()
         assert abs(est - kl) < 1e-2, (name, est, kl)
+
+
+def test_k2_by_hand() -> None:
+    # logp = log 0.5, ref = log 0.25: k2 = (log 2)^2 / 2 = 0.4804530139182014 / 2
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    assert KL_ESTIMATORS["k2"](logp, ref).item() == approx(0.2402265069591007)
+    assert KL_ESTIMATORS["k2"](logp, logp).item() == 0.0
+
+
+def exact_kl_gradient(p_logits: torch.Tensor, q: list[float], reverse: bool) -> torch.Tensor:
+    """d/d logits of KL(pi || q) (reverse) or KL(q || pi) (forward), pi = softmax(logits), computed exactly."""
+    logits = p_logits.clone().requires_grad_(True)
+    logp, logq = torch.log_softmax(logits, -1), torch.log(torch.tensor(q, dtype=torch.float64))
+    kl = (logp.exp() * (logp - logq)).sum() if reverse else (logq.exp() * (logq - logp)).sum()
+    (grad,) = torch.autograd.grad(kl, logits)
+    return grad
+
+
+@pytest.mark.parametrize("name, expected", [("k1", "zero"), ("k2", "reverse"), ("k3", "forward")])
+def test_expected_gradient_of_each_estimator_in_the_loss(name: str, expected: str) -> None:
+    """In the loss, the samples x ~ pi are fixed: the expected gradient is sum_x pi(x) * grad k(x), pi not
+    differentiated. k1 gives 0, k2 the gradient of KL(pi || ref), k3 that of KL(ref || pi)."""
+    base = torch.log(torch.tensor(PI, dtype=torch.float64))
+    logits = base.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1)
+    ref = torch.log(torch.tensor(PI_REF, dtype=torch.float64))
+    loss = (logp.exp().detach() * KL_ESTIMATORS[name](logp, ref)).sum()
+    (grad,) = torch.autograd.grad(loss, logits)
+    if expected == "zero":
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-12, rtol=0)
+    else:
+        torch.testing.assert_close(grad, exact_kl_gradient(base, PI_REF, reverse=expected == "reverse"))
+        other = exact_kl_gradient(base, PI_REF, reverse=expected != "reverse")
+        assert (grad - other).abs().max() > 1e-2  # the two directions differ here
+
+
+def test_k1_in_the_loss_is_refused_with_the_fix() -> None:
+    from policies.config import AlgorithmConfig
+
+    with pytest.raises(ValueError, match="k1 has zero expected gradient in the loss: use k2"):
+        AlgorithmConfig(kl_coef=0.1, kl_estimator="k1", kl_in="loss")
+    AlgorithmConfig(kl_coef=0.1, kl_estimator="k1", kl_in="reward")  # k1 in the reward is fine
+    AlgorithmConfig(kl_coef=0.1, kl_estimator="k2", kl_in="loss")

@@ -21,9 +21,10 @@ def get_rng_state() -> dict[str, Any]:
     """This process's generator states, as plain lists and numbers (JSON-ready)."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
+    mt = np_state["state"]
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
-        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])}},
+        "numpy": {**np_state, "state": {"key": mt["key"].tolist(), "pos": int(mt["pos"])}},
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

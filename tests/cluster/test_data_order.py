@@ -43,7 +43,9 @@ def group(ray_session, tiny_model_dir: Path, data_file: Path):
     g.shutdown()
 
 
-def served_epochs(group: RolloutGroup, order: EpochOrder, model_dir: Path, data_file: Path, epochs: int) -> list[list[int]]:
+def served_epochs(
+    group: RolloutGroup, order: EpochOrder, model_dir: Path, data_file: Path, epochs: int
+) -> list[list[int]]:
     """Run iterations as the trainer does and read back, from the prompts the actors posed, which rows they served."""
     tok = load_tokenizer(model_dir)
     row_of = {json.loads(line)["prompt"]: i for i, line in enumerate(data_file.read_text().splitlines())}

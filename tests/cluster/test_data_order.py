@@ -51,16 +51,16 @@ def served_epochs(
     row_of = {json.loads(line)["prompt"]: i for i, line in enumerate(data_file.read_text().splitlines())}
     served: list[int] = []
     for iteration in range(epochs * N_ROWS // PROMPTS_PER_ITERATION):
-        out = group.sample(PROMPTS_PER_ITERATION, SAMPLES_PER_PROMPT, seed=iteration, version=0,
-                           rows=order.take(PROMPTS_PER_ITERATION))
+        given = order.take(PROMPTS_PER_ITERATION).tolist()
+        out = group.sample(PROMPTS_PER_ITERATION, SAMPLES_PER_PROMPT, seed=iteration, version=0, rows=given)
         P = out["prompt_ids"].shape[1]
         prompts = [tok.decode(ids[P - n :].tolist()) for ids, n in zip(out["prompt_ids"], out["prompt_length"])]
         rows = [row_of[p] for p in prompts]
         assert rows == out["row"].tolist(), "the actors posed the rows they report"
         assert rows[::SAMPLES_PER_PROMPT] == rows[1::SAMPLES_PER_PROMPT], "a prompt's samples are consecutive"
-        # Each actor took its own share: the first half of this iteration's rows went to actor 0, the rest to actor 1.
-        assert len(set(rows[: len(rows) // 2]) & set(rows[len(rows) // 2 :])) == 0
-        served += rows[::SAMPLES_PER_PROMPT]
+        # Results come back in actor order: actor 0 posed the first half of the given rows, actor 1 the second.
+        assert rows[::SAMPLES_PER_PROMPT] == given
+        served += given
     return [served[e * N_ROWS : (e + 1) * N_ROWS] for e in range(epochs)]
 
 

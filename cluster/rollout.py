@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from policies.models import weight_names
 from textenv import (
-    BatchRewardFn, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
+    BatchRewardFn, DatasetTask, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
 )
 
 
@@ -115,7 +115,10 @@ class VLLMRolloutActor:
         self._env_pool: list[TokenEnv] = []
         self.weights_version = 0
         self._weight_names = set(weight_names(engine.model_dir).names)
-        self.sample(4, 1, seed=0, expected_version=0)  # warm-up: the first generate call is slow
+        # Warm-up: the first generate call is slow. A dataset task's rows are the driver's to hand out, so the
+        # warm-up poses rows by index and moves no cursor.
+        warm_rows = [i % self.env.task.num_rows for i in range(4)] if isinstance(self.env.task, DatasetTask) else None
+        self.sample(4, 1, seed=0, expected_version=0, rows=warm_rows)
         self.startup_s = time.perf_counter() - start
 
     def ready(self) -> dict[str, Any]:
@@ -148,32 +151,45 @@ class VLLMRolloutActor:
         return version
 
     # ------------------------------------------------------------------------------------------- sampling
-    def sample(self, num_prompts: int, samples_per_prompt: int, seed: int, expected_version: int) -> dict[str, Any]:
+    def sample(
+        self, num_prompts: int, samples_per_prompt: int, seed: int, expected_version: int,
+        rows: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
         """Draw ``num_prompts`` problems (seeded), sample ``samples_per_prompt`` responses each, score them.
+
+        ``rows`` (a dataset task only: :class:`textenv.DatasetTask`) poses those rows instead of drawing problems;
+        the driver chooses them so that a run serves its data in epochs. ``seed`` still seeds the sampling.
 
         Returns fixed-shape arrays (rows of one prompt are consecutive): ``prompt_ids`` (N, P) left-padded,
         ``response_ids``/``action_mask``/``sampling_logp``/``rewards`` (N, R) right-padded, ``response_length``
-        (N,), ``score`` (N,), and counters. ``action_mask`` is 0 at a multi-turn environment's reply tokens.
+        (N,), ``score`` (N,), ``row`` (N,) (the dataset row posed, -1 for a generated problem), and counters.
+        ``action_mask`` is 0 at a multi-turn environment's reply tokens.
         """
         if self.weights_version != expected_version:
             raise StaleWeightsError(
                 f"rollout actor {self.index} holds weights version {self.weights_version}, asked for {expected_version}"
             )
         env = self.env
-        env.reset(seed=seed)  # seeds the environment's generator; each reset below draws the next problem
+        if rows is not None and (not isinstance(env.task, DatasetTask) or len(rows) != num_prompts):
+            raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts of {env.task!r}; only a "
+                             "dataset task takes rows, one per prompt")
+        if rows is None:
+            env.reset(seed=seed)  # seeds the environment's generator; each reset below draws the next problem
         samples, prompts = [], []
-        for _ in range(num_prompts):
-            env.reset()
+        for i in range(num_prompts):
+            env.reset(options=None if rows is None else {"sample": env.task.row(int(rows[i]))})
             samples.append(env.sample)
             prompts.append(env.prompt_ids)
-        rows = [(samples[i], prompts[i], derive_seed(seed, i, j))
-                for i in range(num_prompts) for j in range(samples_per_prompt)]
+        served = np.full(num_prompts, -1, np.int64) if rows is None else np.asarray(rows, np.int64)
+        requests = [(samples[i], prompts[i], derive_seed(seed, i, j))
+                    for i in range(num_prompts) for j in range(samples_per_prompt)]
         play = self._play_turns if env.turn_end_id is not None else self._generate_then_replay
-        episodes, timings = play(rows)
+        episodes, timings = play(requests)
         t0 = time.perf_counter()
         score_pending(env, episodes)  # one call for every batched terminal reward (a reward model); else nothing
         timings["batch_reward_s"] = time.perf_counter() - t0
-        out = self._pack(rows, episodes)
+        out = self._pack(requests, episodes)
+        out["row"] = np.repeat(served, samples_per_prompt)
         out.update(weights_version=self.weights_version, **timings,
                    examples=[(samples[0].prompt, env.tokenizer.decode(episodes[0]["tokens"]))])
         return out
@@ -334,14 +350,23 @@ class RolloutGroup:
         if any(v != version for v in versions):
             raise StaleWeightsError(f"weight sync to version {version} failed: actors report {versions}")
 
-    def sample(self, num_prompts: int, samples_per_prompt: int, seed: int, version: int) -> dict[str, Any]:
-        """Split the prompts over the actors, sample everywhere at once, and merge the results in actor order."""
+    def sample(
+        self, num_prompts: int, samples_per_prompt: int, seed: int, version: int, rows: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
+        """Split the prompts over the actors, sample everywhere at once, and merge the results in actor order.
+
+        ``rows`` (one dataset row index per prompt, chosen by the driver) are split the same way: each actor poses
+        its consecutive share, so no row goes to two actors.
+        """
         import ray
 
-        counts = [len(c) for c in np.array_split(np.arange(num_prompts), len(self.actors))]
+        chunks = np.array_split(np.arange(num_prompts), len(self.actors))
+        if rows is not None and len(rows) != num_prompts:
+            raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts; give one per prompt")
         refs = [
-            a.sample.remote(n, samples_per_prompt, derive_seed(seed, i), version)
-            for i, (a, n) in enumerate(zip(self.actors, counts)) if n > 0
+            a.sample.remote(len(c), samples_per_prompt, derive_seed(seed, i), version,
+                            rows=None if rows is None else [int(rows[k]) for k in c])
+            for i, (a, c) in enumerate(zip(self.actors, chunks)) if len(c) > 0
         ]
         parts = unwrap_ray_errors(lambda: ray.get(refs))
         stale = [p["weights_version"] for p in parts if p["weights_version"] != version]

@@ -13,7 +13,7 @@ from typing import Any
 
 from cluster.checkpoint import latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
-from textenv import HFTokenizerAdapter, make_env
+from textenv import EpochOrder, HFTokenizerAdapter, make_env
 
 CHECKPOINTS = "checkpoints"
 POLICY_INIT = "policy_init"
@@ -134,7 +134,8 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     wandb_id = state.get("wandb_id") or _wandb_id(run_dir)
 
     init_ray(cfg)
-    trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens)
+    data = EpochOrder.for_task(env.task, cfg.seed)  # a dataset task's rows, served in epochs by the driver
+    trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens, data=data)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     else:

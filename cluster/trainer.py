@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from cluster.checkpoint import read_state, save_checkpoint
+from cluster.checkpoint import read_rng, read_state, save_checkpoint
 from cluster.config import ExperimentConfig
 from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
@@ -24,9 +24,13 @@ from policies.columns import (
     ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
     RETURNS, REWARDS, SAMPLING_LOGP,
 )
-from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats, hf_weights
+from policies.learner import (
+    MODULE_ID, build_learner_group, group_rollout_stats, hf_weights, learner_rng_states, set_learner_rng_states,
+)
 from policies.losses import KL_ESTIMATORS
 from policies.models import weight_names
+from policies.rng import get_rng_state, seed_all, set_rng_state
+from textenv import EpochOrder
 
 
 @contextmanager
@@ -37,20 +41,26 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 class Trainer:
-    """The Ray side of one run: the vLLM rollout actors and the RLlib LearnerGroup, and the iteration over them."""
+    """The Ray side of one run: the vLLM rollout actors and the RLlib LearnerGroup, and the iteration over them.
 
-    def __init__(self, cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int) -> None:
-        self.cfg = cfg
+    ``data`` (for a dataset task) is the run's cursor over the rows: the driver hands each iteration's rows to the
+    actors, so the run serves its data in epochs, and the cursor is part of every checkpoint.
+    """
+
+    def __init__(
+        self, cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int,
+        data: EpochOrder | None = None,
+    ) -> None:
+        self.cfg, self.data = cfg, data
         self.weights_version = 0
         self.adv_params = AdvantageParams(
             cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt, credit=cfg.algorithm.credit
         )
         self.weight_names = weight_names(model_dir)  # tied aliases the engines do not store; Conv1D layouts
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
+        seed_all(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         self.learners = build_learner_group(
             cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner,
-            temperature=cfg.rollout.temperature,
+            temperature=cfg.rollout.temperature, seed=cfg.seed,  # remote learner k: cfg.seed + k
         )
         engine = EngineOptions(
             model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
@@ -70,10 +80,12 @@ class Trainer:
     def run_iteration(self, iteration: int) -> dict[str, Any]:
         t: dict[str, float] = {}
         start = time.perf_counter()
+        n = self.cfg.rollout.prompts_per_iteration
+        rows = self.data.take(n) if self.data is not None else None
         with timed(t, "rollout"):
             rollouts = self.rollouts.sample(
-                self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.samples_per_prompt,
-                seed=derive_seed(self.cfg.seed, iteration), version=self.weights_version,
+                n, self.cfg.rollout.samples_per_prompt,
+                seed=derive_seed(self.cfg.seed, iteration), version=self.weights_version, rows=rows,
             )
         batch = build_batch(rollouts)
         with timed(t, "logprobs"):
@@ -86,7 +98,8 @@ class Trainer:
             self.sync_weights()
         t["timing/iteration_s"] = time.perf_counter() - start
         trained = float(batch[ATTENTION_MASK].sum()) * self.cfg.algorithm.num_epochs
-        return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t,
+        data = {"data/epoch": self.data.progress} if self.data is not None else {}
+        return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
                 "throughput/update_tokens_per_s": trained / t["timing/update_s"], "weights/version": self.weights_version}
 
     def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -143,15 +156,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self, root: Path, iteration: int, extra: dict[str, Any]) -> Path:
+        """A checkpoint: learner state, counters, the data cursor, and every process's random generator states."""
         state = {"weights_version": self.weights_version, **extra}
-        return save_checkpoint(root, iteration, self.learners, state, self.cfg.keep_checkpoints)
+        if self.data is not None:
+            state["data"] = self.data.state()
+        rng = {"driver": get_rng_state(), "learners": learner_rng_states(self.learners)}
+        return save_checkpoint(root, iteration, self.learners, state, self.cfg.keep_checkpoints, rng=rng)
 
     def restore(self, checkpoint: Path) -> dict[str, Any]:
-        """Learner weights, optimizer state and counters from ``checkpoint``; the engines get its weights."""
+        """Learner weights, optimizer state, counters, data cursor and random streams from ``checkpoint``; the
+        engines get its weights. The run then continues exactly as if it had not stopped."""
         state = read_state(checkpoint)
         self.learners.restore_from_path(str((checkpoint / "learner").resolve()))
         self.weights_version = int(state["weights_version"]) - 1
         self.sync_weights()  # brings the engines to the checkpoint's weights and version
+        if self.data is not None and "data" in state:
+            self.data.load_state(state["data"])
+        rng = read_rng(checkpoint)
+        if rng is not None:  # a checkpoint from before random states were saved resumes re-seeded
+            set_rng_state(rng["driver"])
+            set_learner_rng_states(self.learners, rng["learners"])
         return state
 
     def shutdown(self) -> None:

@@ -20,6 +20,7 @@ from policies.config import AlgorithmConfig, PolicyConfig
 from policies.losses import KL_ESTIMATORS, OBJECTIVES, aggregate, value_loss
 from policies.models import WeightNames, load_causal_lm
 from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule, response_logp
+from policies.rng import get_rng_state, seed_all, set_rng_state
 
 MODULE_ID = "default_policy"
 
@@ -32,6 +33,8 @@ class TokenPolicyLearner(TorchLearner):
     """
 
     def build(self) -> None:
+        if self.config.learner_seed is not None:  # before the module is built: its value head draws from torch
+            seed_all(self.config.learner_seed + self._learner_index)
         super().build()
         algo: AlgorithmConfig = self.config.algo
         self._ref_lm = None
@@ -164,6 +167,14 @@ class TokenPolicyLearner(TorchLearner):
         module.train()
         return rows, {k: np.concatenate(v) for k, v in outs.items()}
 
+    def get_rng_state(self) -> tuple[int, dict[str, Any]]:
+        """This learner's index and its process's generator states (RLlib shuffles minibatches with numpy's)."""
+        return self._learner_index, get_rng_state()
+
+    def set_rng_state(self, states: dict[int, dict[str, Any]]) -> None:
+        """Put back this learner's entry of ``states`` (learner index -> :meth:`get_rng_state` states)."""
+        set_rng_state(states[self._learner_index])
+
     def _rank_and_world(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -180,6 +191,33 @@ def group_rollout_stats(learner_group: Any, batch: dict[str, np.ndarray], microb
         for k, v in arrays.items():
             out[k][rows] = v
     return out
+
+
+def learner_rng_states(learner_group: Any) -> dict[int, dict[str, Any]]:
+    """Every remote learner's generator states by learner index ({} for a local learner: it is the caller's)."""
+    if learner_group.is_local:
+        return {}
+    return dict(_learner_results(learner_group.foreach_learner(lambda learner: learner.get_rng_state())))
+
+
+def set_learner_rng_states(learner_group: Any, states: dict[int | str, dict[str, Any]]) -> None:
+    """Put back states from :func:`learner_rng_states` (keys may be strings, as JSON gives them back)."""
+    if learner_group.is_local or not states:
+        return
+    by_index = {int(k): v for k, v in states.items()}
+    if sorted(by_index) != list(range(len(learner_group))):
+        raise ValueError(f"the checkpoint holds random states of learners {sorted(by_index)} but the run has "
+                         f"{len(learner_group)}; resume with the same cluster.num_learners")
+    _learner_results(learner_group.foreach_learner(lambda learner: learner.set_rng_state(by_index)))
+
+
+def _learner_results(results: Any) -> list[Any]:
+    """The values of a ``foreach_learner`` call; a learner's exception is raised, not returned as a value."""
+    values = [r.get() for r in results]
+    for v in values:
+        if isinstance(v, BaseException):
+            raise v
+    return values
 
 
 def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig, names: WeightNames) -> dict[str, np.ndarray]:
@@ -201,12 +239,13 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
     """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
 
     def __init__(self, algo: AlgorithmConfig | None = None, policy: PolicyConfig | None = None,
-                 policy_model_path: str | None = None, temperature: float = 1.0):
+                 policy_model_path: str | None = None, temperature: float = 1.0, learner_seed: int | None = None):
         super().__init__()
         self.algo = algo or AlgorithmConfig()
         self.policy = policy or PolicyConfig()
         self.policy_model_path = policy_model_path
         self.temperature = temperature  # the rollouts' sampling temperature: log-probs, entropy and KL use logits / T
+        self.learner_seed = learner_seed  # learner k seeds its process with learner_seed + k (None: left as is)
 
     def get_default_learner_class(self) -> type[TokenPolicyLearner]:
         return TokenPolicyLearner
@@ -229,14 +268,18 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
 
 def build_learner_group(
     algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float,
-    temperature: float = 1.0,
+    temperature: float = 1.0, seed: int | None = None,
 ) -> Any:
     """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process).
 
     ``temperature`` is the rollouts' sampling temperature (``rollout.temperature``): the learner evaluates the policy
-    vLLM samples from, softmax(logits / T), for the policy and the reference alike.
+    vLLM samples from, softmax(logits / T), for the policy and the reference alike. With ``seed`` and remote
+    learners, learner ``k`` seeds its process's generators with ``seed + k``; a local learner shares the caller's
+    process, whose generators the caller seeds.
     """
-    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature)
+    learner_seed = seed if num_learners > 0 else None
+    cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature,
+                              learner_seed=learner_seed)
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

@@ -12,9 +12,10 @@ import gymnasium as gym
 
 from textenv.config import EnvConfig, make_env
 from textenv.env import TokenEnv, replay, score_pending
+from textenv.epochs import EpochOrder
 from textenv.file_task import DataFileError, FileTask
 from textenv.rewards import BatchRewardFn, DeferredReward, RewardContext, RewardError, RewardFn, TaskReward
-from textenv.tasks import TASKS, MultiTurnTask, Task, TaskSample, make_task
+from textenv.tasks import TASKS, DatasetTask, MultiTurnTask, Task, TaskSample, make_task
 from textenv.tokenizer import CharTokenizer, HFTokenizerAdapter, Tokenizer
 
 ENV_IDS: dict[str, str] = {
@@ -45,8 +46,10 @@ __all__ = [
     "BatchRewardFn",
     "CharTokenizer",
     "DataFileError",
+    "DatasetTask",
     "DeferredReward",
     "EnvConfig",
+    "EpochOrder",
     "FileTask",
     "HFTokenizerAdapter",
     "RewardContext",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from textenv.tasks import DIGITS, TASKS, Task, TaskSample
+from textenv.tasks import DIGITS, TASKS, DatasetTask, TaskSample
 from textenv.verifiers import VERIFIERS
 
 # Characters every file task's alphabet holds, so that a numeric final answer ("#### -1,234.5") can be written
@@ -121,7 +121,7 @@ def read_rows(path: str | os.PathLike[str]) -> tuple[list[str], Rows]:
 
 
 # ------------------------------------------------------------------------------------------------ the task
-class FileTask(Task):
+class FileTask(DatasetTask):
     """Prompts and answers read from a local data file (JSONL, CSV, Parquet, or a ``save_to_disk`` directory).
 
     ``prompt_template`` is filled with the row's columns by name, and ``{prompt}`` with the ``prompt_field``
@@ -129,9 +129,12 @@ class FileTask(Task):
     sample's metadata. ``verifier`` is ``"numeric"`` (the final numbers agree; see
     :func:`textenv.verifiers.extract_final_answer`) or ``"exact"`` (equal up to case and whitespace).
 
-    ``shuffle=True`` draws rows uniformly at random, with replacement, using only the given rng, so a seeded
-    environment is deterministic. ``shuffle=False`` serves the rows in file order, cycling, and ignores the rng
-    (for a pass over an evaluation file; a reseeded environment then does not repeat its prompts).
+    In training the driver serves the rows in epochs (:class:`textenv.epochs.EpochOrder`): every row once per
+    epoch, shuffled per epoch by the run's seed, or in file order with ``shuffle=False``; the rollout actors pose
+    the rows it assigns through :meth:`row`. Used on its own as a Gymnasium environment, the task's ``sample``
+    decides: ``shuffle=True`` draws rows uniformly at random, with replacement, using only the given rng, so a
+    seeded environment is deterministic; ``shuffle=False`` serves the rows in file order, cycling, and ignores the
+    rng (a reseeded environment then does not repeat its prompts).
 
     CSV values are read as strings; JSONL, Parquet and dataset values keep their types in the metadata.
     The alphabet holds every character of the templated prompts and the answers, plus :data:`NUMERIC_CHARS`.
@@ -194,13 +197,19 @@ class FileTask(Task):
         metadata = {k: v for k, v in row.items() if k not in (self.prompt_field, self.answer_field)}
         return TaskSample(prompt=prompt, answer=str(row[self.answer_field]), metadata=metadata)
 
-    def sample(self, rng: np.random.Generator) -> TaskSample:
-        if self.shuffle:
-            index = int(rng.integers(len(self._samples)))
-        else:
-            index, self._cursor = self._cursor, (self._cursor + 1) % len(self._samples)
+    @property
+    def num_rows(self) -> int:
+        return len(self._samples)
+
+    def row(self, index: int) -> TaskSample:
         s = self._samples[index]
         return TaskSample(s.prompt, s.answer, dict(s.metadata))  # a caller may edit its metadata, not ours
+
+    def sample(self, rng: np.random.Generator) -> TaskSample:
+        if self.shuffle:
+            return self.row(int(rng.integers(len(self._samples))))
+        index, self._cursor = self._cursor, (self._cursor + 1) % len(self._samples)
+        return self.row(index)
 
     def score(self, sample: TaskSample, response: str) -> float:
         return self._verify(response, sample.answer)

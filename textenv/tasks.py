@@ -58,6 +58,26 @@ class Task:
         return f"{type(self).__name__}()"
 
 
+class DatasetTask(Task):
+    """A task over a fixed, indexed set of problems (e.g. the rows of a data file).
+
+    ``row(index)`` poses problem ``index``. A training run serves the rows in epochs through
+    :class:`textenv.epochs.EpochOrder` (every row once per epoch, in index order or shuffled per epoch as
+    ``shuffle`` says); ``sample(rng)`` is what an environment used on its own draws from.
+    """
+
+    shuffle: bool = True
+
+    @property
+    def num_rows(self) -> int:
+        """How many problems there are."""
+        raise NotImplementedError
+
+    def row(self, index: int) -> TaskSample:
+        """Problem ``index`` (0-based); a fresh sample whose metadata the caller may edit."""
+        raise NotImplementedError
+
+
 def _positional(answer: str, response: str) -> float:
     """Fraction of the answer's positions that the response gets right."""
     if not answer:  # e.g. reset(options={"prompt": ...}) without an answer

@@ -14,6 +14,7 @@ USAGE_EXAMPLES = """examples:
   tokengym train configs/grpo.yaml algorithm.lr=1e-4 rollout.num_actors=4
   tokengym train --resume runs/reverse-ppo-20261129-101500
   tokengym export runs/reverse-ppo-20261129-101500 --out exported/
+  tokengym pull smollm2-135m-instruct              # prints the model directory on its last line
 """
 
 
@@ -24,15 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="run an experiment (default: configs/default.yaml)")
     tr.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    tr.set_defaults(run=lambda a: _train(a.args, a.resume))
     ex = sub.add_parser("export", help="write a run's policy as a Hugging Face model directory")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="the directory to write")
+    ex.set_defaults(run=lambda a: _export(Path(a.run_dir), Path(a.out)))
+    pl = sub.add_parser("pull", help="install and convert a pretrained model into the local model cache")
+    pl.add_argument("name", help="a model name, e.g. smollm2-135m-instruct")
+    pl.set_defaults(run=lambda a: _pull(a.name))
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.command == "train":
-            return _train(args.args, args.resume)
-        return _export(Path(args.run_dir), Path(args.out))
+        return args.run(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"tokengym: error: {err}", file=sys.stderr)
         return 2
@@ -65,6 +69,13 @@ def _export(run_dir: Path, out: Path) -> int:
 
     export_policy(run_dir, out)
     print(f"exported {run_dir} -> {out}")
+    return 0
+
+
+def _pull(name: str) -> int:
+    from cluster.pull import pull
+
+    print(pull(name, log=lambda line: print(line, file=sys.stderr)))
     return 0
 
 

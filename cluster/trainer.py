@@ -17,6 +17,7 @@ import torch
 
 from cluster.checkpoint import read_state, save_checkpoint
 from cluster.config import ExperimentConfig
+from cluster.evaluation import Evaluator
 from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, unwrap_ray_errors
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
@@ -47,18 +48,15 @@ class Trainer:
         self.learners = build_learner_group(
             cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner
         )
-        engine = EngineOptions(
-            model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
-            max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed,
-        )
+        engine = engine_options(cfg, model_dir, prompt_tokens, response_tokens)
         # The reward model starts first: every rollout actor's environment calls it.
         self.reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
         self.rollouts = RolloutGroup(
             cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor,
             batch_reward=self.reward_model.reward if self.reward_model is not None else None,
         )
+        # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
+        self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> dict[str, Any]:
@@ -67,7 +65,7 @@ class Trainer:
         with timed(t, "rollout"):
             rollouts = self.rollouts.sample(
                 self.cfg.rollout.prompts_per_iteration, self.cfg.rollout.samples_per_prompt,
-                seed=self.cfg.seed * 1_000_003 + iteration, version=self.weights_version,
+                seed=iteration_seed(self.cfg.seed, iteration), version=self.weights_version,
             )
         batch = build_batch(rollouts)
         with timed(t, "logprobs"):
@@ -82,6 +80,10 @@ class Trainer:
         trained = float(batch[ATTENTION_MASK].sum()) * self.cfg.algorithm.num_epochs
         return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t,
                 "throughput/update_tokens_per_s": trained / t["timing/update_s"], "weights/version": self.weights_version}
+
+    def evaluate(self) -> dict[str, Any]:
+        """The ``eval/`` metrics of the policy the engines hold now (greedy accuracy and reward, pass@k)."""
+        return self.evaluator.run(self.rollouts, self.weights_version)[0]
 
     def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pre-update log-probs (and values, reference log-probs) from the learners: one forward per sequence."""
@@ -153,6 +155,21 @@ class Trainer:
         if self.reward_model is not None:
             self.reward_model.shutdown()
         self.learners.shutdown()
+
+
+def engine_options(cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int) -> EngineOptions:
+    """The rollout actors' vLLM engine settings for ``model_dir``."""
+    return EngineOptions(
+        model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
+        max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed,
+    )
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The rollout seed of ``iteration`` (each actor derives its own from it: :func:`cluster.rollout.actor_seed`)."""
+    return seed * 1_000_003 + iteration
 
 
 # ---------------------------------------------------------------------------------------------- batch helpers

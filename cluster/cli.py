@@ -14,6 +14,9 @@ USAGE_EXAMPLES = """examples:
   tokengym train configs/grpo.yaml algorithm.lr=1e-4 rollout.num_actors=4
   tokengym train --resume runs/reverse-ppo-20261129-101500
   tokengym export runs/reverse-ppo-20261129-101500 --out exported/
+  tokengym pull smollm2-135m-instruct              # prints the model directory on its last line
+  tokengym eval runs/reverse-ppo-20261129-101500   # held-out accuracy, pass@k -> RUN_DIR/eval.json
+  tokengym eval MODEL_DIR --env textenv/Addition-v0 --n 128
 """
 
 
@@ -22,17 +25,34 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="run an experiment (default: configs/default.yaml)")
-    tr.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+    tr.add_argument("overrides", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    tr.set_defaults(run=lambda a: _train(a.overrides, a.resume))
     ex = sub.add_parser("export", help="write a run's policy as a Hugging Face model directory")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="the directory to write")
-    args = parser.parse_args(argv)
+    ex.set_defaults(run=lambda a: _export(Path(a.run_dir), Path(a.out)))
+    pl = sub.add_parser("pull", help="install and convert a pretrained model into the local model cache")
+    pl.add_argument("name", help="a model name, e.g. smollm2-135m-instruct")
+    pl.set_defaults(run=lambda a: _pull(a.name))
+    ev = sub.add_parser("eval", help="evaluate a run's final policy or a model directory on held-out prompts")
+    ev.add_argument("target", metavar="RUN_DIR|MODEL_DIR")
+    ev.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ev.add_argument("--config", help="for a model directory: the experiment config (default: configs/default.yaml)")
+    ev.add_argument("--env", help="evaluate on this environment id instead, e.g. textenv/Addition-v0")
+    ev.add_argument("--n", type=int, help="number of held-out prompts (eval.num_prompts)")
+    ev.add_argument("--out", help="where to write the results (default: RUN_DIR|MODEL_DIR/eval.json)")
+    ev.set_defaults(run=_eval)
+    args, extra = parser.parse_known_args(argv)
+    # section.key=value overrides may also follow options (eval DIR --n 16 seed=1), where argparse leaves them over.
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.command == "train":
-            return _train(args.args, args.resume)
-        return _export(Path(args.run_dir), Path(args.out))
+        return args.run(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"tokengym: error: {err}", file=sys.stderr)
         return 2
@@ -65,6 +85,27 @@ def _export(run_dir: Path, out: Path) -> int:
 
     export_policy(run_dir, out)
     print(f"exported {run_dir} -> {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.evaluation import evaluate_path
+
+    out = evaluate_path(Path(args.target), args.overrides, args.config, args.env, args.n,
+                        Path(args.out) if args.out else None)
+    report = json.loads(out.read_text())
+    print(" ".join(f"{k}={report[k]:.4g}" for k in ("eval/accuracy", "eval/reward", "eval/pass@k")) +
+          f" (k={report['eval/k']}, {report['eval/prompts']} prompts)")
+    print(out)
+    return 0
+
+
+def _pull(name: str) -> int:
+    from cluster.pull import pull
+
+    print(pull(name, log=lambda line: print(line, file=sys.stderr)))
     return 0
 
 

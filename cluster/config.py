@@ -99,6 +99,29 @@ class RewardModelConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on held-out problems: before the first update (iteration 0) and every ``every`` iterations.
+
+    Each problem gets one greedy response (``eval/accuracy``: the fraction scored 1, ``eval/reward``) and ``k``
+    sampled ones at ``temperature`` (``eval/pass@k``: the fraction with at least one scored 1). Generated tasks draw
+    the problems from a seed stream training never uses; file tasks need a held-out split (``env.task_kwargs.eval_path``
+    or ``eval_fraction``). The same problems every time; the training trajectory is the same with or without it.
+    """
+
+    every: int = 0  # 0: off
+    num_prompts: int = 64  # at most the held-out split's size for a file task
+    k: int = 4
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, low in (("every", 0), ("num_prompts", 1), ("k", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"eval.{name} must be >= {low}; got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"eval.temperature must be > 0 (pass@k samples); got {self.temperature}")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Weights & Biases and the console."""
 
@@ -126,6 +149,7 @@ class ExperimentConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

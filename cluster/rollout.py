@@ -165,26 +165,19 @@ class VLLMRolloutActor:
         (N,), ``score`` (N,), ``row`` (N,) (the dataset row posed, -1 for a generated problem), and counters.
         ``action_mask`` is 0 at a multi-turn environment's reply tokens.
         """
-        if self.weights_version != expected_version:
-            raise StaleWeightsError(
-                f"rollout actor {self.index} holds weights version {self.weights_version}, asked for {expected_version}"
-            )
+        self._check_version(expected_version)
         env = self.env
         if rows is not None and (not isinstance(env.task, DatasetTask) or len(rows) != num_prompts):
             raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts of {env.task!r}; only a "
                              "dataset task takes rows, one per prompt")
         if rows is None:
-            env.reset(seed=seed)  # seeds the environment's generator; each reset below draws the next problem
-        samples, prompts = [], []
-        for i in range(num_prompts):
-            env.reset(options=None if rows is None else {"sample": env.task.row(int(rows[i]))})
-            samples.append(env.sample)
-            prompts.append(env.prompt_ids)
+            samples, prompts = draw_problems(env, seed, num_prompts)
+        else:
+            samples, prompts = pose_problems(env, [env.task.row(int(r)) for r in rows])
         served = np.full(num_prompts, -1, np.int64) if rows is None else np.asarray(rows, np.int64)
         requests = [(samples[i], prompts[i], derive_seed(seed, i, j))
                     for i in range(num_prompts) for j in range(samples_per_prompt)]
-        play = self._play_turns if env.turn_end_id is not None else self._generate_then_replay
-        episodes, timings = play(requests)
+        episodes, timings = self._play(requests)
         t0 = time.perf_counter()
         score_pending(env, episodes)  # one call for every batched terminal reward (a reward model); else nothing
         timings["batch_reward_s"] = time.perf_counter() - t0
@@ -194,7 +187,45 @@ class VLLMRolloutActor:
                    examples=[(samples[0].prompt, env.tokenizer.decode(episodes[0]["tokens"]))])
         return out
 
-    def _generate_then_replay(self, rows: list[tuple[TaskSample, list[int], int]]) -> tuple[list[dict], dict]:
+    def evaluate(
+        self, samples: list[TaskSample], k: int, temperature: float, seed: int, expected_version: int
+    ) -> dict[str, Any]:
+        """Held-out problems: one greedy response (temperature 0) and ``k`` sampled ones (seeded) per problem.
+
+        Returns ``greedy_score``/``greedy_return``/``greedy_length`` (n,) and ``sampled_score`` (n, k). The
+        environment is only replayed with the given problems (its generator is not drawn from), every sampled
+        request has its own seed (vLLM's global generator is not drawn from), and the prefix cache is emptied
+        afterwards: the next training rollout runs exactly as it would have without this call.
+        """
+        self._check_version(expected_version)
+        _, prompts = pose_problems(self.env, samples)
+        greedy, _ = self._play([(s, p, 0) for s, p in zip(samples, prompts)], temperature=0.0, seeded=False)
+        sampled, _ = self._play([(s, p, seed + i * k + j) for i, (s, p) in enumerate(zip(samples, prompts))
+                                 for j in range(k)], temperature=temperature, seeded=True)
+        score_pending(self.env, greedy + sampled)
+        self.llm.reset_prefix_cache()
+        n = len(samples)
+        return {
+            "greedy_score": np.array([ep["score"] for ep in greedy], np.float64),
+            "greedy_return": np.array([float(np.sum(ep["rewards"])) for ep in greedy], np.float64),
+            "greedy_length": np.array([sum(ep["actions"]) for ep in greedy], np.float64),
+            "sampled_score": np.array([ep["score"] for ep in sampled], np.float64).reshape(n, k),
+            "examples": [(s.prompt, self.tokenizer.decode(ep["tokens"]), s.answer) for s, ep in zip(samples, greedy)],
+        }
+
+    def _check_version(self, expected_version: int) -> None:
+        if self.weights_version != expected_version:
+            raise StaleWeightsError(
+                f"rollout actor {self.index} holds weights version {self.weights_version}, asked for {expected_version}"
+            )
+
+    def _play(self, rows: list[tuple[TaskSample, list[int], int]], **sampling: Any) -> tuple[list[dict], dict]:
+        play = self._play_turns if self.env.turn_end_id is not None else self._generate_then_replay
+        return play(rows, **sampling)
+
+    def _generate_then_replay(
+        self, rows: list[tuple[TaskSample, list[int], int]], **sampling: Any
+    ) -> tuple[list[dict], dict]:
         """Single-turn: one vLLM call for every response, then each response replayed through the environment."""
         from vllm.inputs import TokensPrompt
 
@@ -202,7 +233,7 @@ class VLLMRolloutActor:
         t0 = time.perf_counter()
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=prompt) for _, prompt, _ in rows],
-            [self._sampling_params(R, seed) for _, _, seed in rows], use_tqdm=False,
+            [self._sampling_params(R, seed, **sampling) for _, _, seed in rows], use_tqdm=False,
         )
         t1 = time.perf_counter()
         episodes = []
@@ -215,7 +246,7 @@ class VLLMRolloutActor:
             episodes.append(ep)
         return episodes, {"generate_s": t1 - t0, "replay_s": time.perf_counter() - t1}
 
-    def _play_turns(self, rows: list[tuple[TaskSample, list[int], int]]) -> tuple[list[dict], dict]:
+    def _play_turns(self, rows: list[tuple[TaskSample, list[int], int]], **sampling: Any) -> tuple[list[dict], dict]:
         """Multi-turn: vLLM generates every unfinished episode's next turn (stopping at the turn-end token), the
         episode's own environment steps through it and appends its reply, and the next turn continues from the
         prompt plus everything so far. The replies are context tokens, not actions."""
@@ -237,7 +268,8 @@ class VLLMRolloutActor:
             t0 = time.perf_counter()
             outputs = self.llm.generate(
                 [TokensPrompt(prompt_token_ids=rows[n][1] + ep["tokens"]) for n, ep in active],
-                [self._sampling_params(R - len(ep["tokens"]), derive_seed(rows[n][2], turn), stops) for n, ep in active],
+                [self._sampling_params(R - len(ep["tokens"]), derive_seed(rows[n][2], turn), stops, **sampling)
+                 for n, ep in active],
                 use_tqdm=False,
             )
             t1 = time.perf_counter()
@@ -299,11 +331,16 @@ class VLLMRolloutActor:
         out["reward_errors"] = sum(ep["reward_errors"] for ep in episodes)
         return out
 
-    def _sampling_params(self, max_tokens: int, seed: int, stop_token_ids: list[int] | None = None) -> Any:
+    def _sampling_params(
+        self, max_tokens: int, seed: int, stop_token_ids: list[int] | None = None, temperature: float | None = None,
+        seeded: bool | None = None,
+    ) -> Any:
+        """Training's sampling (rollout temperature, seeded per ``rollout.seeded_sampling``) unless overridden."""
+        seeded = self.opts.seeded_sampling if seeded is None else seeded
         return self._SamplingParams(
-            max_tokens=max_tokens, temperature=self.opts.temperature, logprobs=0,
-            stop_token_ids=stop_token_ids or [self.tokenizer.eos_token_id],
-            seed=seed if self.opts.seeded_sampling else None, detokenize=False,
+            max_tokens=max_tokens, temperature=self.opts.temperature if temperature is None else temperature,
+            logprobs=0, stop_token_ids=stop_token_ids or [self.tokenizer.eos_token_id],
+            seed=seed if seeded else None, detokenize=False,
         )
 
 
@@ -364,7 +401,7 @@ class RolloutGroup:
         if rows is not None and len(rows) != num_prompts:
             raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts; give one per prompt")
         refs = [
-            a.sample.remote(len(c), samples_per_prompt, derive_seed(seed, i), version,
+            a.sample.remote(len(c), samples_per_prompt, actor_seed(seed, i), version,
                             rows=None if rows is None else [int(rows[k]) for k in c])
             for i, (a, c) in enumerate(zip(self.actors, chunks)) if len(c) > 0
         ]
@@ -384,12 +421,52 @@ class RolloutGroup:
         )
         return merged
 
+    def evaluate(
+        self, samples: list[TaskSample], k: int, temperature: float, seed: int, version: int
+    ) -> dict[str, Any]:
+        """:meth:`VLLMRolloutActor.evaluate` over the actors; problem i's sampled requests are seeded
+        ``seed + i * k + j`` whichever actor serves it. Arrays merged in problem order."""
+        import ray
+
+        splits = [c for c in np.array_split(np.arange(len(samples)), len(self.actors)) if len(c)]
+        refs = [a.evaluate.remote([samples[i] for i in idx], k, temperature, seed + int(idx[0]) * k, version)
+                for a, idx in zip(self.actors, splits)]
+        parts = unwrap_ray_errors(lambda: ray.get(refs))
+        merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "examples"}
+        merged["examples"] = [e for p in parts for e in p["examples"]]
+        return merged
+
     def shutdown(self) -> None:
         import ray
 
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def draw_problems(env: TokenEnv, seed: int, n: int) -> tuple[list[TaskSample], list[list[int]]]:
+    """The ``n`` problems (and their prompt ids) that ``env`` draws after ``reset(seed=seed)``: a rollout's prompts."""
+    env.reset(seed=seed)  # seeds the environment's generator; each reset below draws the next problem
+    samples, prompts = [], []
+    for _ in range(n):
+        env.reset()
+        samples.append(env.sample)
+        prompts.append(env.prompt_ids)
+    return samples, prompts
+
+
+def pose_problems(env: TokenEnv, samples: list[TaskSample]) -> tuple[list[TaskSample], list[list[int]]]:
+    """The given problems (and their prompt ids) posed by ``env`` without drawing from its generator."""
+    prompts = []
+    for sample in samples:
+        env.reset(options={"sample": sample})
+        prompts.append(env.prompt_ids)
+    return list(samples), prompts
+
+
+def actor_seed(seed: int, index: int) -> int:
+    """The environment seed of rollout actor ``index`` for a rollout seeded ``seed``."""
+    return derive_seed(seed, index)
 
 
 def unwrap_ray_errors(fn: Any) -> Any:

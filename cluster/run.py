@@ -76,6 +76,11 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
             require_model_dir(f"policy.{key}", getattr(cfg.policy, key))
     if cfg.reward_model.path is not None:
         check_reward_model(cfg.reward_model.path, cfg.reward_model.label)
+    if cfg.eval.every > 0:
+        try:
+            make_env(cfg.env).unwrapped.task.heldout()
+        except ValueError as err:
+            raise ConfigError(f"eval.every={cfg.eval.every}: {err}") from None
 
 
 def check_reward_model(path: str, label: int | str) -> None:
@@ -142,9 +147,15 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
         trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
     tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), wandb_id, start, cfg.iterations)
     exit_code = 1
+    every = cfg.eval.every
     try:
+        if every > 0 and start == 0:  # the policy before any update, as iteration 0
+            tracker.log({"iteration": 0, **trainer.evaluate()})
         for iteration in range(start + 1, cfg.iterations + 1):
-            tracker.log(trainer.run_iteration(iteration))
+            metrics = trainer.run_iteration(iteration)
+            if every > 0 and iteration % every == 0:
+                metrics.update(trainer.evaluate())  # the policy after this iteration's update
+            tracker.log(metrics)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                 trainer.save(ckpt_root, iteration, {"wandb_id": wandb_id})
         exit_code = 0

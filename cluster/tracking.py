@@ -56,7 +56,7 @@ class Tracker:
         self._file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=int(metrics["iteration"]))
-        if self._bar is not None:
+        if self._bar is not None and "reward/mean" in metrics:  # not the evaluation before training (iteration 0)
             self._bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.4f}")
             self._bar.update(1)
 

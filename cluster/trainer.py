@@ -17,6 +17,7 @@ import torch
 
 from cluster.checkpoint import read_rng, read_state, save_checkpoint
 from cluster.config import ExperimentConfig
+from cluster.evaluation import Evaluator
 from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
@@ -62,19 +63,15 @@ class Trainer:
             cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner,
             temperature=cfg.rollout.temperature, seed=cfg.seed,  # remote learner k: cfg.seed + k
         )
-        engine = EngineOptions(
-            model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
-            max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,
-            max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
-        )
+        engine = engine_options(cfg, model_dir, prompt_tokens, response_tokens)
         # The reward model starts first: every rollout actor's environment calls it.
         self.reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
         self.rollouts = RolloutGroup(
             cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor,
             batch_reward=self.reward_model.reward if self.reward_model is not None else None,
         )
+        # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
+        self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> dict[str, Any]:
@@ -85,7 +82,7 @@ class Trainer:
         with timed(t, "rollout"):
             rollouts = self.rollouts.sample(
                 n, self.cfg.rollout.samples_per_prompt,
-                seed=derive_seed(self.cfg.seed, iteration), version=self.weights_version, rows=rows,
+                seed=iteration_seed(self.cfg.seed, iteration), version=self.weights_version, rows=rows,
             )
         batch = build_batch(rollouts)
         with timed(t, "logprobs"):
@@ -101,6 +98,10 @@ class Trainer:
         data = {"data/epoch": self.data.progress} if self.data is not None else {}
         return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
                 "throughput/update_tokens_per_s": trained / t["timing/update_s"], "weights/version": self.weights_version}
+
+    def evaluate(self) -> dict[str, Any]:
+        """The ``eval/`` metrics of the policy the engines hold now (greedy accuracy and reward, pass@k)."""
+        return self.evaluator.run(self.rollouts, self.weights_version)[0]
 
     def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pre-update log-probs (and values, reference log-probs) from the learners: one forward per sequence."""
@@ -183,6 +184,22 @@ class Trainer:
         if self.reward_model is not None:
             self.reward_model.shutdown()
         self.learners.shutdown()
+
+
+def engine_options(cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int) -> EngineOptions:
+    """The rollout actors' vLLM engine settings for ``model_dir``."""
+    return EngineOptions(
+        model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
+        max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,
+        max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
+    )
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The rollout seed of ``iteration`` (each actor derives its own from it: :func:`cluster.rollout.actor_seed`)."""
+    return derive_seed(seed, iteration)
 
 
 # ---------------------------------------------------------------------------------------------- batch helpers

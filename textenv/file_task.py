@@ -10,6 +10,7 @@ Each row gives a prompt, a reference answer, and metadata (its other columns)::
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -136,8 +137,13 @@ class FileTask(DatasetTask):
     seeded environment is deterministic; ``shuffle=False`` serves the rows in file order, cycling, and ignores the
     rng (a reseeded environment then does not repeat its prompts).
 
+    Held-out rows for evaluation (:meth:`heldout`): ``eval_path``, a second file with the same columns, or
+    ``eval_fraction``, that fraction of ``path``'s rows (a fixed choice, the same every run), which training then
+    never draws.
+
     CSV values are read as strings; JSONL, Parquet and dataset values keep their types in the metadata.
-    The alphabet holds every character of the templated prompts and the answers, plus :data:`NUMERIC_CHARS`.
+    The alphabet holds every character of the templated prompts and the answers (held-out rows included), plus
+    :data:`NUMERIC_CHARS`.
     """
 
     name = "file"
@@ -152,6 +158,8 @@ class FileTask(DatasetTask):
         max_response_tokens: int = 64,
         max_prompt_chars: int = 512,
         prompt_template: str = "{prompt}",
+        eval_path: str | os.PathLike[str] | None = None,
+        eval_fraction: float = 0.0,
     ) -> None:
         if path is None:
             raise ValueError("file: task_kwargs needs 'path', the .jsonl, .csv or .parquet file to read, "
@@ -166,33 +174,63 @@ class FileTask(DatasetTask):
         self.verifier, self.shuffle = verifier, shuffle
         self.max_response_tokens, self.max_prompt_chars = max_response_tokens, max_prompt_chars
         self._verify = VERIFIERS[verifier]
+        if not 0.0 <= eval_fraction < 1.0 or (eval_fraction > 0 and eval_path is not None):
+            raise ValueError(f"file: eval_fraction must be in [0, 1) and not given together with eval_path; "
+                             f"got eval_fraction={eval_fraction}, eval_path={eval_path!r}")
 
-        columns, rows = read_rows(self.path)
-        for name, field in (("prompt_field", prompt_field), ("answer_field", answer_field)):
-            if field not in columns:
-                raise DataFileError(f"{self.path} has no column {field!r} (its columns: {columns}); "
-                                    f"set task_kwargs.{name} to one of them")
-        self._samples = tuple(self._to_sample(where, row, columns) for where, row in rows)
+        self._samples = self._read_samples(self.path)
+        self._heldout: tuple[TaskSample, ...] = ()
+        if eval_path is not None:
+            self._heldout = self._read_samples(Path(eval_path))
+        elif eval_fraction > 0:
+            n_eval = round(eval_fraction * len(self._samples))
+            if not 0 < n_eval < len(self._samples):
+                raise ValueError(f"file: eval_fraction={eval_fraction} of {len(self._samples)} rows holds out "
+                                 f"{n_eval}; choose a fraction that leaves rows on both sides")
+            held = set(np.random.default_rng(0).permutation(len(self._samples))[:n_eval].tolist())  # fixed split
+            self._heldout = tuple(s for i, s in enumerate(self._samples) if i in held)
+            self._samples = tuple(s for i, s in enumerate(self._samples) if i not in held)
         self._cursor = 0
-        chars = {c for s in self._samples for c in s.prompt + s.answer}
+        chars = {c for s in self._samples + self._heldout for c in s.prompt + s.answer}
         self.alphabet = "".join(sorted(chars | set(NUMERIC_CHARS)))
+
+    def _read_samples(self, path: Path) -> tuple[TaskSample, ...]:
+        columns, rows = read_rows(path)
+        for name, field in (("prompt_field", self.prompt_field), ("answer_field", self.answer_field)):
+            if field not in columns:
+                raise DataFileError(f"{path} has no column {field!r} (its columns: {columns}); "
+                                    f"set task_kwargs.{name} to one of them")
+        return tuple(self._to_sample(path, where, row, columns) for where, row in rows)
 
     @property
     def samples(self) -> tuple[TaskSample, ...]:
-        """Every row as a sample, in file order."""
+        """Every row training draws from as a sample, in file order (held-out rows excluded)."""
         return self._samples
 
-    def _to_sample(self, where: str, row: Row, columns: list[str]) -> TaskSample:
+    @property
+    def num_problems(self) -> int:
+        return len(self._samples)
+
+    def heldout(self) -> FileTask:
+        """The held-out rows as a task that serves them in file order (``shuffle=False``)."""
+        if not self._heldout:
+            raise ValueError("file: evaluation needs held-out rows that training never sees: set "
+                             "task_kwargs.eval_path (a file with the same columns) or task_kwargs.eval_fraction (e.g. 0.1)")
+        task = copy.copy(self)
+        task._samples, task._heldout, task.shuffle, task._cursor = self._heldout, (), False, 0
+        return task
+
+    def _to_sample(self, path: Path, where: str, row: Row, columns: list[str]) -> TaskSample:
         for field in (self.prompt_field, self.answer_field):
             if row.get(field) is None:
-                raise DataFileError(f"{self.path} {where}: {field!r} is missing or null; fill it in or drop the row")
+                raise DataFileError(f"{path} {where}: {field!r} is missing or null; fill it in or drop the row")
         try:
             prompt = self.prompt_template.format_map({**row, "prompt": row[self.prompt_field]})
         except KeyError as err:
-            raise DataFileError(f"{self.path}: prompt_template {self.prompt_template!r} names {{{err.args[0]}}}, "
+            raise DataFileError(f"{path}: prompt_template {self.prompt_template!r} names {{{err.args[0]}}}, "
                                 f"which {where} lacks (columns: {columns}); use {{prompt}} or a column") from None
         except (IndexError, ValueError) as err:
-            raise DataFileError(f"prompt_template {self.prompt_template!r} is not a valid template for {self.path} "
+            raise DataFileError(f"prompt_template {self.prompt_template!r} is not a valid template for {path} "
                                 f"({err}); write fields by column name, e.g. 'Q: {{prompt}}'") from None
         metadata = {k: v for k, v in row.items() if k not in (self.prompt_field, self.answer_field)}
         return TaskSample(prompt=prompt, answer=str(row[self.answer_field]), metadata=metadata)

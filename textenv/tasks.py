@@ -54,6 +54,16 @@ class Task:
         """The task's own stop condition, checked after every token (EOS and the length limit always stop)."""
         return False
 
+    def heldout(self) -> Task:
+        """The task that poses evaluation problems. A generated task poses its own: evaluation draws them from a seed
+        stream that training never uses. A task with a fixed set of problems returns one over a held-out set."""
+        return self
+
+    @property
+    def num_problems(self) -> int | None:
+        """How many distinct problems the task holds when it is a fixed set (None: generated without limit)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

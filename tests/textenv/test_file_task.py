@@ -333,3 +333,40 @@ def test_dataset_saved_to_disk(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
     assert FileTask(tmp_path / "ds", **GSM8K).samples == FileTask(write_jsonl(tmp_path / "d.jsonl", ROWS),
                                                                   **GSM8K).samples
+
+
+# ------------------------------------------------------------------------------------------- held-out rows
+def test_eval_fraction_holds_out_a_fixed_set_of_rows_training_never_draws(tmp_path: Path) -> None:
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    task = FileTask(path, verifier="exact", eval_fraction=0.25)
+    held = task.heldout()
+    assert len(held.samples) == 10 and len(task.samples) == 30
+    assert sorted(s.prompt for s in held.samples + task.samples) == sorted(r["prompt"] for r in rows)
+    order = [r["prompt"] for r in rows]
+    assert [order.index(s.prompt) for s in held.samples] == sorted(order.index(s.prompt) for s in held.samples)
+    assert held.samples == FileTask(path, verifier="exact", eval_fraction=0.25).heldout().samples  # same every run
+    rng = np.random.default_rng(0)
+    drawn = {task.sample(rng).prompt for _ in range(2000)}
+    assert drawn == {s.prompt for s in task.samples}  # every training row, and no held-out one
+    assert [held.sample(rng).prompt for _ in range(10)] == [s.prompt for s in held.samples]  # file order
+    assert held.num_problems == 10 and task.num_problems == 30
+
+
+def test_eval_path_rows_are_the_held_out_set_and_join_the_alphabet(tmp_path: Path, gsm8k: Path) -> None:
+    extra = write_jsonl(tmp_path / "eval.jsonl", [{"question": "Zed has 9 kiwis?", "answer": "#### 9"}])
+    task = FileTask(gsm8k, **GSM8K, eval_path=extra)
+    assert task.samples == FileTask(gsm8k, **GSM8K).samples
+    assert [s.prompt for s in task.heldout().samples] == ["Q: Zed has 9 kiwis?\nA:"]
+    assert {"Z", "k"} <= set(task.alphabet)  # the tiny policy's tokenizer can write held-out prompts
+
+
+def test_held_out_split_errors(tmp_path: Path, gsm8k: Path) -> None:
+    with pytest.raises(ValueError, match="eval_fraction must be in"):
+        FileTask(gsm8k, **GSM8K, eval_fraction=1.0)
+    with pytest.raises(ValueError, match="not given together with eval_path"):
+        FileTask(gsm8k, **GSM8K, eval_fraction=0.5, eval_path=gsm8k)
+    with pytest.raises(ValueError, match="leaves rows on both sides"):
+        FileTask(gsm8k, **GSM8K, eval_fraction=0.1)  # 3 rows: 0.3 rounds to none
+    with pytest.raises(ValueError, match="eval_path .* or task_kwargs.eval_fraction"):
+        FileTask(gsm8k, **GSM8K).heldout()

@@ -1,0 +1,140 @@
+"""Evaluation on held-out problems: greedy accuracy and reward, and pass@k, by the vLLM rollout actors.
+
+During training (``eval.every``), :class:`Evaluator` runs before the first update and every ``every`` iterations;
+``tokengym eval RUN_DIR|MODEL_DIR`` does the same for a run's final weights or any model directory and writes
+``eval.json``. The problems are fixed for a run: a generated task draws them from the seed stream
+``EVAL_SEED + seed``, which no training rollout uses; a file task uses its held-out rows (``Task.heldout``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.config import ConfigError, EvalConfig, ExperimentConfig, load_config
+from textenv import EnvConfig, TaskSample, make_env
+
+# Training's environment seeds (cluster.trainer.iteration_seed, then cluster.rollout.actor_seed) are below 2**64
+# for any experiment seed below 2**32, so evaluation's seeds (from 2**64 up) are a stream training never draws from.
+EVAL_SEED = 2**64
+EVAL_FILE = "eval.json"
+CORRECT = 1.0 - 1e-9  # a response is right when the task's verifier scores it 1
+
+
+def heldout_problems(env_cfg: EnvConfig, seed: int, n: int) -> list[TaskSample]:
+    """The evaluation problems of a run seeded ``seed``: the same every call, none drawn by training."""
+    task = make_env(env_cfg, disable_env_checker=True).unwrapped.task.heldout()
+    if task.num_problems is not None:  # a fixed held-out set: each problem once
+        n = min(n, task.num_problems)
+    rng = np.random.default_rng(EVAL_SEED + seed)
+    return [task.sample(rng) for _ in range(n)]
+
+
+def eval_metrics(results: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """``eval/`` metrics from the actors' per-problem results (greedy scores and returns, k sampled scores each)."""
+    return {
+        "eval/accuracy": float((results["greedy_score"] >= CORRECT).mean()),
+        "eval/reward": float(results["greedy_return"].mean()),
+        "eval/score": float(results["greedy_score"].mean()),
+        "eval/pass@k": float((results["sampled_score"] >= CORRECT).any(axis=1).mean()),
+        "eval/k": k,
+        "eval/prompts": len(results["greedy_score"]),
+        "eval/response_length": float(results["greedy_length"].mean()),
+    }
+
+
+class Evaluator:
+    """A run's held-out problems, and their evaluation on a :class:`cluster.rollout.RolloutGroup`."""
+
+    def __init__(self, env_cfg: EnvConfig, cfg: EvalConfig, seed: int) -> None:
+        self.cfg = cfg
+        self.problems = heldout_problems(env_cfg, seed, cfg.num_prompts)
+        self.sampling_seed = seed * 1_000_003  # the same k seeds per problem at every evaluation of the run
+
+    def run(self, rollouts: Any, version: int) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+        """Metrics (plus ``timing/eval_s``) and the (prompt, greedy response, answer) of every problem."""
+        start = time.perf_counter()
+        results = rollouts.evaluate(self.problems, self.cfg.k, self.cfg.temperature, self.sampling_seed, version)
+        metrics = eval_metrics(results, self.cfg.k)
+        metrics["timing/eval_s"] = time.perf_counter() - start
+        return metrics, results["examples"]
+
+
+# ---------------------------------------------------------------------------------------------- tokengym eval
+def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+    """Evaluate the model in ``model_dir`` on ``cfg``'s environment with ``cfg.eval`` (starts and stops Ray)."""
+    import ray
+
+    from cluster.reward_model import RewardModelServer
+    from cluster.rollout import RolloutGroup
+    from cluster.run import check_before_ray, init_ray
+    from cluster.trainer import engine_options
+    from policies.models import load_tokenizer
+    from textenv import HFTokenizerAdapter
+
+    check_before_ray(cfg)
+    env = make_env(cfg.env, tokenizer=HFTokenizerAdapter(load_tokenizer(model_dir))).unwrapped
+    try:
+        evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"env: {err}") from None
+    started_ray = not ray.is_initialized()
+    init_ray(cfg)
+    reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
+    group = None
+    try:
+        group = RolloutGroup(
+            cfg.rollout.num_actors, cfg.env,
+            engine_options(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens),
+            cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
+        )
+        return evaluator.run(group, version=0)  # the engines hold the directory's weights: version 0
+    finally:
+        if group is not None:
+            group.shutdown()
+        if reward_model is not None:
+            reward_model.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def evaluate_path(
+    target: Path, overrides: list[str], config: str | None = None, env_id: str | None = None, n: int | None = None,
+    out: Path | None = None,
+) -> Path:
+    """``tokengym eval``: a run directory (its config, its latest checkpoint's weights) or a model directory (with
+    ``config``, default configs/default.yaml, and ``env_id``); writes the metrics to ``out`` (default
+    ``target/eval.json``) and returns that path."""
+    target = Path(target)
+    extra = ([f"env={json.dumps({'id': env_id})}"] if env_id else []) + list(overrides)
+    extra += [f"eval.num_prompts={n}"] if n is not None else []
+    if (target / "config.yaml").is_file():
+        if config is not None:
+            raise ConfigError(f"--config is for a model directory; the run directory {str(target)!r} brings its own "
+                              "config.yaml (change it with section.key=value overrides)")
+        from cluster.export import export_policy
+
+        cfg = load_config(target / "config.yaml", extra)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = export_policy(target, Path(tmp) / "policy")  # the latest checkpoint as a HF directory
+            metrics, examples = evaluate_model(cfg, model_dir)
+    elif (target / "config.json").is_file():
+        cfg = load_config(config, extra + [f"policy.model_path={target}"])
+        metrics, examples = evaluate_model(cfg, target)
+    else:
+        raise ConfigError(f"{str(target)!r} is neither a run directory (config.yaml) nor a Hugging Face model "
+                          "directory (config.json)")
+    out = Path(out) if out is not None else target / EVAL_FILE
+    report = {**metrics, "target": str(target), "env": asdict(cfg.env), "eval": asdict(cfg.eval), "seed": cfg.seed,
+              "examples": [{"prompt": p, "response": r, "answer": a} for p, r, a in examples]}
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out

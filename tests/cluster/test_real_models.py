@@ -69,3 +69,22 @@ def test_tied_checkpoint_weight_sync_and_logprobs(ray_session, real_shaped_model
     finally:
         group.shutdown()
         learner.shutdown()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("arch, extra", [("qwen2", []), ("gpt2", ["policy.lora_rank=4"])])
+def test_train_runs_end_to_end_from_a_tied_checkpoint(
+    real_shaped_model: Callable[[str], Path], tmp_path: Path, arch: str, extra: list[str]
+) -> None:
+    from cluster.tracking import read_metrics
+    from tests.cluster.test_e2e import only_run, tokengym
+
+    result = tokengym(
+        "train", f"policy.model_path={real_shaped_model(arch)}", "iterations=3", "name=tied", "rollout.num_actors=1",
+        "rollout.prompts_per_iteration=32", "algorithm.minibatch_size=32", "algorithm.num_epochs=2", *extra,
+        runs=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(only_run(tmp_path))
+    assert [r["weights/version"] for r in rows] == [2, 3, 4]  # every sync reached the engine
+    assert max(r["rollout/logprob_gap"] for r in rows) < 1e-4  # and the engine ran the learner's weights

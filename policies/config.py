@@ -79,6 +79,7 @@ class AlgorithmConfig:
     num_epochs: int = 4
     minibatch_size: int = 64
     clip_ratio: float = 0.2
+    clip_ratio_high: float | None = None  # ppo_clip's upper bound 1 + this (None: clip_ratio); higher keeps entropy
     value_clip: float | None = 0.2
     vf_coef: float = 0.5
     entropy_coef: float = 0.01
@@ -104,7 +105,7 @@ class AlgorithmConfig:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"algorithm.kl_estimator must be one of {sorted(KL_ESTIMATORS)}; got {self.kl_estimator!r}")
         check_ranges("algorithm", self, {
-            "lr": ">0", "adam_eps": ">0", "num_epochs": ">=1", "minibatch_size": ">=1", "clip_ratio": ">0",
+            "lr": ">0", "adam_eps": ">0", "num_epochs": ">=1", "minibatch_size": ">=1", "clip_ratio": ">0", "clip_ratio_high": ">0",
             "value_clip": ">0", "vf_coef": ">=0", "entropy_coef": ">=0", "gamma": "[0,1]", "lam": "[0,1]",
             "grad_clip": ">0", "micro_batch_tokens": ">=1", "logits_chunk_tokens": ">=1", "kl_coef": ">=0",
         })
@@ -126,3 +127,10 @@ class AlgorithmConfig:
                 "algorithm.kl_estimator=k1 has zero expected gradient in the loss: use k2 (gradient of KL(pi||ref)) "
                 "or k3 with kl_in=loss, or kl_in=reward for k1"
             )
+
+    @property
+    def clip_range(self) -> float | tuple[float, float]:
+        """What ppo_clip takes: ``clip_ratio``, or ``(clip_ratio, clip_ratio_high)`` when they differ."""
+        if self.clip_ratio_high is None or self.clip_ratio_high == self.clip_ratio:
+            return self.clip_ratio
+        return (self.clip_ratio, self.clip_ratio_high)

@@ -119,7 +119,7 @@ class TokenPolicyLearner(TorchLearner):
         mask = batch[RESPONSE_MASK].float()
         logp = fwd_out[LOGP]
         pg_loss, stats = OBJECTIVES[algo.objective](
-            logp, batch[OLD_LOGP], batch[ADVANTAGES], mask, algo.clip_ratio, algo.loss_agg
+            logp, batch[OLD_LOGP], batch[ADVANTAGES], mask, algo.clip_range, algo.loss_agg
         )
         entropy = aggregate(fwd_out[ENTROPY], mask, algo.loss_agg)
         loss = pg_loss - algo.entropy_coef * entropy

@@ -24,9 +24,12 @@ def aggregate(x: Tensor, mask: Tensor, how: LossAgg) -> Tensor:
     raise ValueError(f"loss aggregation must be 'token_mean' or 'seq_mean'; got {how!r}")
 
 
+Clip = float | tuple[float, float]  # PPO's epsilon, or (low, high) for an asymmetric range ("clip-higher")
+
+
 class Objective(Protocol):
     def __call__(
-        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float, agg: LossAgg
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: Clip, agg: LossAgg
     ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
@@ -43,17 +46,22 @@ def register_objective(name: str) -> Callable[[Objective], Objective]:
 
 @register_objective("ppo_clip")
 def ppo_clip(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float, agg: LossAgg
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: Clip, agg: LossAgg
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate: ``-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)``."""
+    """PPO's clipped surrogate: ``-min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)``.
+
+    ``clip`` is eps (both sides) or ``(eps_low, eps_high)``: a higher upper bound lets unlikely tokens with a
+    positive advantage gain more per update, which keeps the policy from collapsing early (DAPO's "clip-higher").
+    """
+    low, high = clip if isinstance(clip, tuple) else (clip, clip)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    clipped = torch.clamp(ratio, 1.0 - low, 1.0 + high) * advantages
     loss = aggregate(-torch.minimum(unclipped, clipped), mask, agg)
     with torch.no_grad():
         stats = {
-            "clipfrac": aggregate(((ratio - 1.0).abs() > clip).float(), mask, "token_mean"),
+            "clipfrac": aggregate(((ratio - 1.0 > high) | (1.0 - ratio > low)).float(), mask, "token_mean"),
             "approx_kl": aggregate((ratio - 1.0) - log_ratio, mask, "token_mean"),  # k3 of old -> new
         }
     return loss, stats
@@ -61,7 +69,7 @@ def ppo_clip(
 
 @register_objective("vanilla_pg")
 def vanilla_pg(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float, agg: LossAgg
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: Clip, agg: LossAgg
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The plain policy gradient ``-logp * A`` (no ratio, no clipping; meant for one epoch per batch)."""
     loss = aggregate(-logp * advantages, mask, agg)

@@ -400,3 +400,27 @@ def test_k1_in_the_loss_is_refused_with_the_fix() -> None:
         AlgorithmConfig(kl_coef=0.1, kl_estimator="k1", kl_in="loss")
     AlgorithmConfig(kl_coef=0.1, kl_estimator="k1", kl_in="reward")  # k1 in the reward is fine
     AlgorithmConfig(kl_coef=0.1, kl_estimator="k2", kl_in="loss")
+
+
+def test_ppo_clip_higher_by_hand() -> None:
+    # ratios 1.3 and 0.7 against eps_low = 0.2, eps_high = 0.28, advantages +1 and -1:
+    #   token 0: A = +1, rho = 1.3 -> min(1.3, clip(1.3, 0.8, 1.28) = 1.28) = 1.28 -> loss -1.28 (clipped)
+    #   token 1: A = -1, rho = 0.7 -> min(-0.7, -clip(0.7, 0.8, 1.28) = -0.8) = -0.8  -> loss 0.8  (clipped)
+    #   symmetric eps = 0.2 would give 1.2 for token 0 instead.
+    import math
+
+    from policies.losses import ppo_clip
+
+    logp = torch.tensor([[math.log(1.3), math.log(0.7)]], dtype=torch.float64)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones_like(logp)
+    loss, stats = ppo_clip(logp, old, adv, mask, (0.2, 0.28), "token_mean")
+    assert loss.item() == pytest.approx((-1.28 + 0.8) / 2, abs=1e-12)
+    assert stats["clipfrac"].item() == pytest.approx(1.0)
+    sym, _ = ppo_clip(logp, old, adv, mask, 0.2, "token_mean")
+    assert sym.item() == pytest.approx((-1.2 + 0.8) / 2, abs=1e-12)
+    # rho = 1.25 is inside (0.8, 1.28): unclipped, not counted
+    _, inside = ppo_clip(torch.tensor([[math.log(1.25)]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
+                         torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), (0.2, 0.28), "token_mean")
+    assert inside["clipfrac"].item() == 0.0

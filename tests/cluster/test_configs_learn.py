@@ -21,10 +21,10 @@ CONFIGS = REPO / "configs"
 # config file: (iterations, bar on the mean reward of the last 5 of them)
 LEARNS = {
     "default.yaml": (40, 0.45),
-    "grpo.yaml": (50, 0.45),
-    "rloo.yaml": (50, 0.45),
+    "grpo.yaml": (30, 0.5),
+    "rloo.yaml": (30, 0.5),
     "reinforce.yaml": (40, 0.45),
-    "guess_number.yaml": (40, 0.45),
+    "guess_number.yaml": (40, 0.3),
 }
 NOT_RUN_HERE = {
     "gpu.yaml": "needs CUDA GPUs",

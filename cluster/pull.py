@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from cluster.config import ConfigError
+from cluster.config import ConfigError, ExperimentConfig
 
 MODELS_ENV = "TOKENGYM_MODELS"
 MARKER = ".tokengym-pulled"
@@ -109,6 +109,27 @@ def pulled_dir(name: str, root: Path | None = None) -> Path | None:
     """The directory of a completely pulled model, or None."""
     path = (root or models_root()) / name
     return path if (path / MARKER).is_file() else None
+
+
+def resolve_model_dir(key: str, value: str) -> str:
+    """``value`` as a model directory: a path (``~`` expanded), or the name of a pulled model (``smollm2-135m-instruct``
+    means its directory in the model cache). A known name that is not pulled yet is a ConfigError naming ``key``."""
+    path = Path(value).expanduser()
+    if (path / "config.json").is_file() or value not in MODELS:
+        return str(path)
+    done = pulled_dir(value)
+    if done is None:
+        raise ConfigError(f"{key} {value!r} names a model that is not pulled yet: run `tokengym pull {value}` once")
+    return str(done)
+
+
+def resolve_model_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``policy.model_path`` and ``policy.critic_model_path`` resolved by :func:`resolve_model_dir`."""
+    from dataclasses import replace
+
+    changes = {key: resolve_model_dir(f"policy.{key}", getattr(cfg.policy, key))
+               for key in ("model_path", "critic_model_path") if getattr(cfg.policy, key) is not None}
+    return replace(cfg, policy=replace(cfg.policy, **changes)) if changes else cfg
 
 
 def pull(name: str, root: Path | None = None, log: Callable[[str], None] = print) -> Path:

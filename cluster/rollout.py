@@ -370,11 +370,11 @@ class RolloutGroup:
 
     def __init__(
         self, num_actors: int, env_cfg: EnvConfig, engine: EngineOptions, num_gpus_per_actor: float,
-        batch_reward: BatchRewardFn | None = None,
+        batch_reward: BatchRewardFn | None = None, num_cpus_per_actor: int = 1,
     ) -> None:
         import ray
 
-        actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_actor)(VLLMRolloutActor)
+        actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(VLLMRolloutActor)
         self.actors = [actor_cls.remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)]
         self.info = unwrap_ray_errors(lambda: ray.get([a.ready.remote() for a in self.actors]))
 

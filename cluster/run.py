@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.checkpoint import latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
+from cluster.pull import resolve_model_paths
 from textenv import EpochOrder, HFTokenizerAdapter, make_env
 
 CHECKPOINTS = "checkpoints"
@@ -67,18 +68,26 @@ def require_model_dir(key: str, path: str) -> Path:
 
 def check_before_ray(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without Ray: the environment builds, files exist."""
-    try:
-        make_env(cfg.env)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"env: {err}") from None
     for key in ("model_path", "critic_model_path"):
         if getattr(cfg.policy, key) is not None:
             require_model_dir(f"policy.{key}", getattr(cfg.policy, key))
+    tokenizer = None
+    if cfg.env.chat_template:  # the prompt's tokens come from the model's own tokenizer and chat template
+        if cfg.policy.model_path is None:
+            raise ConfigError("env.chat_template=true needs policy.model_path: an instruct model whose tokenizer has "
+                              "a chat template (e.g. the directory `tokengym pull smollm2-135m-instruct` prints)")
+        from policies.models import load_tokenizer
+
+        tokenizer = HFTokenizerAdapter(load_tokenizer(Path(cfg.policy.model_path)))
+    try:
+        env = make_env(cfg.env, tokenizer=tokenizer).unwrapped
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"env: {err}") from None
     if cfg.reward_model.path is not None:
         check_reward_model(cfg.reward_model.path, cfg.reward_model.label)
     if cfg.eval.every > 0:
         try:
-            make_env(cfg.env).unwrapped.task.heldout()
+            env.task.heldout()
         except ValueError as err:
             raise ConfigError(f"eval.every={cfg.eval.every}: {err}") from None
 
@@ -112,8 +121,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
         runtime_env={"env_vars": env_vars},
     )
     if cfg.cluster.address is None:  # a local Ray sized for every actor and learner
-        actors = cfg.rollout.num_actors + int(cfg.reward_model.path is not None)  # the scorer is an actor of its own
-        kwargs["num_cpus"] = cfg.cluster.num_cpus or actors + cfg.cluster.num_learners + 1
+        # the scorer is an actor of its own
+        actor_cpus = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + int(cfg.reward_model.path is not None)
+        kwargs["num_cpus"] = cfg.cluster.num_cpus or actor_cpus + cfg.cluster.num_learners + 1
     ray.init(address=cfg.cluster.address, **kwargs)
 
 
@@ -123,6 +133,7 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     from cluster.trainer import Trainer
     from policies.models import load_tokenizer
 
+    cfg = resolve_model_paths(cfg)  # e.g. model_path: smollm2-135m-instruct -> its directory in the model cache
     check_before_ray(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     if not resume and (run_dir / "config.yaml").exists():

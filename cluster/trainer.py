@@ -69,6 +69,7 @@ class Trainer:
         self.rollouts = RolloutGroup(
             cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor,
             batch_reward=self.reward_model.reward if self.reward_model is not None else None,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor,
         )
         # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
         self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None

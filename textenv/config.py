@@ -23,11 +23,15 @@ class EnvConfig:
     max_prompt_tokens: int | None = None
     truncate_prompt: bool = False
     on_reward_error: Literal["raise", "failure_value"] = "raise"
+    chat_template: bool = False  # pose prompts as a user turn in the model tokenizer's chat template
+    system_prompt: str | None = None  # with chat_template: the system turn (None: the template's own default)
 
     def __post_init__(self) -> None:
         for name in ("max_response_tokens", "max_prompt_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"env.{name} must be >= 1 or null (the task's own limit); got {getattr(self, name)}")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("env.system_prompt needs env.chat_template=true (the system turn is part of the chat template)")
         if not self.id.startswith("textenv/"):
             raise ValueError(f"env.id must be a registered textenv id such as 'textenv/Reverse-v0'; got {self.id!r}")
         if self.id not in gym.registry:
@@ -50,6 +54,8 @@ def make_env(cfg: EnvConfig, tokenizer: Tokenizer | None = None, **extra: Any) -
         max_prompt_tokens=cfg.max_prompt_tokens,
         truncate_prompt=cfg.truncate_prompt,
         on_reward_error=cfg.on_reward_error,
+        chat_template=cfg.chat_template,
+        system_prompt=cfg.system_prompt,
         **extra,
     )
     if cfg.task is not None:

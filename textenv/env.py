@@ -46,15 +46,29 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         truncate_prompt: bool = False,
         on_reward_error: Literal["raise", "failure_value"] = "raise",
         render_mode: str | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
         if task is None:
             raise ValueError("TokenEnv needs a task: a built-in name such as 'reverse', 'package.module:Class', or a Task")
         self.task: Task = make_task(task, **(task_kwargs or {})) if isinstance(task, str) else task
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else CharTokenizer(self.task.alphabet)
+        self.chat_template, self.system_prompt = bool(chat_template), system_prompt
+        if system_prompt is not None and not chat_template:
+            raise ValueError("env.system_prompt needs env.chat_template=true (the system turn is part of the chat template)")
+        if chat_template:
+            if isinstance(self.task, MultiTurnTask):
+                raise ValueError(f"env.chat_template=true is not supported for the multi-turn task {self.task.name!r} "
+                                 "yet (its replies are plain text); set env.chat_template=false")
+            if not callable(getattr(self.tokenizer, "chat_prompt", None)):
+                raise ValueError("env.chat_template=true needs a Hugging Face tokenizer with a chat template; the "
+                                 f"tokenizer here is {self.tokenizer!r} (set policy.model_path to an instruct model)")
         if isinstance(reward_fn, str):
             reward_fn = import_object(reward_fn, "reward_fn")
         self.reward_fn = build_reward(reward_fn, reward_mode, batch_reward)
-        self.max_prompt_tokens = int(self.task.max_prompt_chars if max_prompt_tokens is None else max_prompt_tokens)
+        if max_prompt_tokens is None:  # the task's longest prompt in characters (>= tokens), plus the chat template's own
+            max_prompt_tokens = self.task.max_prompt_chars + (len(self._encode_prompt("")) if chat_template else 0)
+        self.max_prompt_tokens = int(max_prompt_tokens)
         self.max_response_tokens = int(
             self.task.max_response_tokens if max_response_tokens is None else max_response_tokens
         )
@@ -91,7 +105,7 @@ class TokenEnv(gym.Env[Obs, np.int64]):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
         super().reset(seed=seed)
         self._sample = self._sample_from(options or {})
-        prompt_ids = self.tokenizer.encode(self._sample.prompt)
+        prompt_ids = self._encode_prompt(self._sample.prompt)
         if len(prompt_ids) > self.max_prompt_tokens:
             if not self.truncate_prompt:
                 raise ValueError(
@@ -156,6 +170,16 @@ class TokenEnv(gym.Env[Obs, np.int64]):
     def prompt_ids(self) -> list[int]:
         """The prompt's token ids at the last reset (after truncation, if the config allows it)."""
         return list(self._prompt_ids)
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text the model is given for the task's ``prompt``: the prompt itself, or with ``chat_template`` the
+        chat-formatted conversation (system prompt, user turn, the assistant's turn opened)."""
+        if not self.chat_template:
+            return prompt
+        return self.tokenizer.chat_prompt(prompt, self.system_prompt)  # type: ignore[attr-defined]
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(self.prompt_text(prompt))
 
     def _sample_from(self, options: dict[str, Any]) -> TaskSample:
         if "sample" in options:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from textenv.verifiers import numeric_verifier
+
 LOWER = string.ascii_lowercase
 DIGITS = string.digits
 
@@ -145,25 +147,41 @@ class SortDigitsTask(_PositionalTask):
 
 
 class AdditionTask(Task):
-    """Add two numbers of ``digits`` digits: ``12+34=`` -> ``46`` then EOS. Reward: 1 for the exact sum."""
+    """Add two numbers of ``digits`` digits: ``12+34=`` -> ``46`` then EOS. Reward: 1 for the right sum.
+
+    ``template`` poses the problem from ``{a}`` and ``{b}`` (e.g. ``"What is {a} + {b}?"`` for an instruct model);
+    ``verifier`` is ``"exact"`` (the response is the sum and nothing else) or ``"numeric"`` (the response's final
+    number is the sum, as in :func:`textenv.verifiers.numeric_verifier`: ``"The answer is 46."`` scores 1).
+    """
 
     name = "addition"
 
-    def __init__(self, digits: int = 2) -> None:
+    def __init__(self, digits: int = 2, template: str = "{a}+{b}=", verifier: str = "exact") -> None:
         if digits < 1:
             raise ValueError(f"addition: digits must be >= 1; got {digits}")
-        self.digits = digits
-        self.alphabet = DIGITS + "+="
+        if verifier not in ("exact", "numeric"):
+            raise ValueError(f"addition: verifier must be 'exact' or 'numeric'; got {verifier!r}")
+        try:
+            template.format(a=0, b=0)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"addition: template {template!r} must name only {{a}} and {{b}}: {err}") from None
+        self.digits, self.template, self.verifier = digits, template, verifier
+        self.alphabet = DIGITS + "".join(dict.fromkeys(template.replace("{a}", "").replace("{b}", "")))
         self.max_response_tokens = digits + 2  # the sum has at most digits+1 characters, then EOS
-        self.max_prompt_chars = 2 * digits + 2
+        self.max_prompt_chars = len(template.format(a=10**digits - 1, b=10**digits - 1))
 
     def sample(self, rng: np.random.Generator) -> TaskSample:
         hi = 10**self.digits
         a, b = (int(x) for x in rng.integers(0, hi, size=2))
-        return TaskSample(prompt=f"{a}+{b}=", answer=str(a + b), metadata={"a": a, "b": b})
+        return TaskSample(prompt=self.template.format(a=a, b=b), answer=str(a + b), metadata={"a": a, "b": b})
 
     def score(self, sample: TaskSample, response: str) -> float:
+        if self.verifier == "numeric":
+            return numeric_verifier(response, sample.answer)
         return float(response.strip() == sample.answer)
+
+    def __repr__(self) -> str:
+        return f"AdditionTask(digits={self.digits}, template={self.template!r}, verifier={self.verifier!r})"
 
 
 class CountTask(Task):

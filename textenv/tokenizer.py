@@ -90,6 +90,21 @@ class HFTokenizerAdapter:
             self._cache[text] = ids
         return list(ids)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the wrapped tokenizer carries a chat template."""
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """``user`` (and ``system``, when given) as one conversation in the tokenizer's chat template, ending with
+        the assistant's turn opened (``add_generation_prompt``): the text the model answers in chat use."""
+        if not self.has_chat_template:
+            raise ValueError("env.chat_template=true needs a tokenizer with a chat template; this model's tokenizer has "
+                             "none (set env.chat_template=false, or use an instruct model's directory)")
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": user}]
+        return str(self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
     def decode(self, ids: Sequence[int]) -> str:
         if self._backend is not None:
             return str(self._backend.decode(list(ids), skip_special_tokens=True))

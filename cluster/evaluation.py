@@ -60,17 +60,19 @@ class Evaluator:
         self.problems = heldout_problems(env_cfg, seed, cfg.num_prompts)
         self.sampling_seed = seed * 1_000_003  # the same k seeds per problem at every evaluation of the run
 
-    def run(self, rollouts: Any, version: int) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
-        """Metrics (plus ``timing/eval_s``) and the (prompt, greedy response, answer) of every problem."""
+    def run(self, rollouts: Any, version: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Metrics (plus ``timing/eval_s``) and every problem's greedy response: prompt, response, answer, score."""
         start = time.perf_counter()
         results = rollouts.evaluate(self.problems, self.cfg.k, self.cfg.temperature, self.sampling_seed, version)
         metrics = eval_metrics(results, self.cfg.k)
         metrics["timing/eval_s"] = time.perf_counter() - start
-        return metrics, results["examples"]
+        examples = [{"prompt": p, "response": r, "answer": a, "score": float(s)}
+                    for (p, r, a), s in zip(results["examples"], results["greedy_score"])]
+        return metrics, examples
 
 
 # ---------------------------------------------------------------------------------------------- tokengym eval
-def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate the model in ``model_dir`` on ``cfg``'s environment with ``cfg.eval`` (starts and stops Ray)."""
     import ray
 
@@ -140,7 +142,7 @@ def evaluate_path(
                           "directory (config.json)")
     out = Path(out) if out is not None else target / EVAL_FILE
     report = {**metrics, "target": str(target), "env": asdict(cfg.env), "eval": asdict(cfg.eval), "seed": cfg.seed,
-              "examples": [{"prompt": p, "response": r, "answer": a} for p, r, a in examples]}
+              "examples": examples}
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, out)

@@ -161,11 +161,15 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     every = cfg.eval.every
     try:
         if every > 0 and start == 0:  # the policy before any update, as iteration 0
-            tracker.log({"iteration": 0, **trainer.evaluate()})
+            scores, examples = trainer.evaluate()
+            tracker.log({"iteration": 0, **scores})
+            tracker.log_samples(0, "eval", examples)
         for iteration in range(start + 1, cfg.iterations + 1):
             metrics = trainer.run_iteration(iteration)
             if every > 0 and iteration % every == 0:
-                metrics.update(trainer.evaluate())  # the policy after this iteration's update
+                scores, examples = trainer.evaluate()  # the policy after this iteration's update
+                metrics.update(scores)
+                tracker.log_samples(iteration, "eval", examples)
             tracker.log(metrics)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                 trainer.save(ckpt_root, iteration, {"wandb_id": wandb_id})

@@ -12,6 +12,7 @@ from typing import Any
 from cluster.config import TrackingConfig
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # one line per logged response: iteration, kind (eval), prompt, response, answer, score
 
 
 def wandb_mode(cfg: TrackingConfig) -> str:
@@ -30,8 +31,9 @@ class Tracker:
         self, cfg: TrackingConfig, run_dir: Path, run_name: str, config: dict[str, Any], wandb_id: str,
         start_iteration: int, total_iterations: int,
     ) -> None:
-        self.path = run_dir / METRICS_FILE
-        self._truncate_after(start_iteration)
+        self.path, self.samples_path = run_dir / METRICS_FILE, run_dir / SAMPLES_FILE
+        for path in (self.path, self.samples_path):
+            _truncate_after(path, start_iteration)
         self._file = open(self.path, "a")
         self.wandb_run = None
         mode = wandb_mode(cfg)
@@ -60,6 +62,11 @@ class Tracker:
             self._bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.4f}")
             self._bar.update(1)
 
+    def log_samples(self, iteration: int, kind: str, rows: list[dict[str, Any]]) -> None:
+        """Append responses (dicts of prompt, response, answer, score) to ``samples.jsonl``."""
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps({"iteration": iteration, "kind": kind, **row}) + "\n" for row in rows)
+
     def close(self, exit_code: int = 0) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -67,12 +74,13 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
 
-    def _truncate_after(self, iteration: int) -> None:
-        """Iterations after the checkpoint we resume from will run again: forget their old lines."""
-        if not self.path.exists():
-            return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+def _truncate_after(path: Path, iteration: int) -> None:
+    """Iterations after the checkpoint we resume from will run again: forget their old lines."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= iteration]
+    path.write_text("".join(ln + "\n" for ln in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

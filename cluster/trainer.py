@@ -100,9 +100,10 @@ class Trainer:
         return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
                 "throughput/update_tokens_per_s": trained / t["timing/update_s"], "weights/version": self.weights_version}
 
-    def evaluate(self) -> dict[str, Any]:
-        """The ``eval/`` metrics of the policy the engines hold now (greedy accuracy and reward, pass@k)."""
-        return self.evaluator.run(self.rollouts, self.weights_version)[0]
+    def evaluate(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The ``eval/`` metrics of the policy the engines hold now (greedy accuracy and reward, pass@k), and its
+        greedy response to every held-out problem (prompt, response, answer, score)."""
+        return self.evaluator.run(self.rollouts, self.weights_version)
 
     def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pre-update log-probs (and values, reference log-probs) from the learners: one forward per sequence."""

@@ -8,6 +8,7 @@ exactly its final ``score`` (a potential-based shaping: it changes no optimal po
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 import string
@@ -152,11 +153,17 @@ class AdditionTask(Task):
     ``template`` poses the problem from ``{a}`` and ``{b}`` (e.g. ``"What is {a} + {b}?"`` for an instruct model);
     ``verifier`` is ``"exact"`` (the response is the sum and nothing else) or ``"numeric"`` (the response's final
     number is the sum, as in :func:`textenv.verifiers.numeric_verifier`: ``"The answer is 46."`` scores 1).
+
+    ``eval_fraction`` > 0 sets that fraction of the (a, b) pairs aside (a fixed choice by a hash of the pair, the
+    same every run): training never poses them and evaluation (:meth:`heldout`) poses only them. With 0, evaluation
+    draws from a seed stream of its own, which with few digits repeats problems that training has seen.
     """
 
     name = "addition"
 
-    def __init__(self, digits: int = 2, template: str = "{a}+{b}=", verifier: str = "exact") -> None:
+    def __init__(
+        self, digits: int = 2, template: str = "{a}+{b}=", verifier: str = "exact", eval_fraction: float = 0.0,
+    ) -> None:
         if digits < 1:
             raise ValueError(f"addition: digits must be >= 1; got {digits}")
         if verifier not in ("exact", "numeric"):
@@ -165,15 +172,32 @@ class AdditionTask(Task):
             template.format(a=0, b=0)
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"addition: template {template!r} must name only {{a}} and {{b}}: {err}") from None
+        if not 0.0 <= eval_fraction < 1.0:
+            raise ValueError(f"addition: eval_fraction must be in [0, 1); got {eval_fraction}")
         self.digits, self.template, self.verifier = digits, template, verifier
+        self.eval_fraction, self._pose_heldout = eval_fraction, False
         self.alphabet = DIGITS + "".join(dict.fromkeys(template.replace("{a}", "").replace("{b}", "")))
         self.max_response_tokens = digits + 2  # the sum has at most digits+1 characters, then EOS
         self.max_prompt_chars = len(template.format(a=10**digits - 1, b=10**digits - 1))
 
     def sample(self, rng: np.random.Generator) -> TaskSample:
         hi = 10**self.digits
-        a, b = (int(x) for x in rng.integers(0, hi, size=2))
-        return TaskSample(prompt=self.template.format(a=a, b=b), answer=str(a + b), metadata={"a": a, "b": b})
+        while True:
+            a, b = (int(x) for x in rng.integers(0, hi, size=2))
+            if self.eval_fraction == 0.0 or self.is_heldout(a, b) == self._pose_heldout:
+                return TaskSample(prompt=self.template.format(a=a, b=b), answer=str(a + b), metadata={"a": a, "b": b})
+
+    def is_heldout(self, a: int, b: int) -> bool:
+        """Whether the pair (a, b) is set aside for evaluation (Knuth's multiplicative hash of the pair's index)."""
+        index = a * 10**self.digits + b
+        return (index * 2654435761 % 2**32) / 2**32 < self.eval_fraction
+
+    def heldout(self) -> Task:
+        if self.eval_fraction == 0.0:
+            return self
+        task = copy.copy(self)
+        task._pose_heldout = True
+        return task
 
     def score(self, sample: TaskSample, response: str) -> float:
         if self.verifier == "numeric":
@@ -181,7 +205,8 @@ class AdditionTask(Task):
         return float(response.strip() == sample.answer)
 
     def __repr__(self) -> str:
-        return f"AdditionTask(digits={self.digits}, template={self.template!r}, verifier={self.verifier!r})"
+        return (f"AdditionTask(digits={self.digits}, template={self.template!r}, verifier={self.verifier!r}, "
+                f"eval_fraction={self.eval_fraction})")
 
 
 class CountTask(Task):

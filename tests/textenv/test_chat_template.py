@@ -127,3 +127,19 @@ def test_model_path_may_name_a_pulled_model(tmp_path: Path, monkeypatch: pytest.
     # A directory or an unknown name is a path, with ~ expanded.
     assert resolve_model_dir("policy.model_path", "~/models/x") == str(Path.home() / "models" / "x")
     assert resolve_model_dir("policy.model_path", str(tmp_path)) == str(tmp_path)
+
+
+def test_addition_eval_fraction_keeps_evaluation_problems_out_of_training() -> None:
+    task = AdditionTask(digits=2, eval_fraction=0.1)
+    rng = np.random.default_rng(0)
+    train = {(s.metadata["a"], s.metadata["b"]) for s in (task.sample(rng) for _ in range(3000))}
+    held = task.heldout()
+    evals = {(s.metadata["a"], s.metadata["b"]) for s in (held.sample(rng) for _ in range(300))}
+    assert not train & evals
+    assert all(task.is_heldout(a, b) for a, b in evals) and not any(task.is_heldout(a, b) for a, b in train)
+    share = np.mean([task.is_heldout(a, b) for a in range(100) for b in range(100)])
+    assert 0.08 < share < 0.12  # about the fraction asked for
+    assert AdditionTask(digits=2).heldout().sample(np.random.default_rng(1)) == AdditionTask(digits=2).sample(
+        np.random.default_rng(1))  # without a split, evaluation poses problems from its own seed stream
+    with pytest.raises(ValueError, match="eval_fraction must be in"):
+        AdditionTask(eval_fraction=1.0)

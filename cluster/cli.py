@@ -17,6 +17,7 @@ USAGE_EXAMPLES = """examples:
   tokengym pull smollm2-135m-instruct              # prints the model directory on its last line
   tokengym eval runs/reverse-ppo-20261129-101500   # held-out accuracy, pass@k -> RUN_DIR/eval.json
   tokengym eval MODEL_DIR --env textenv/Addition-v0 --n 128
+  tokengym sample runs/reverse-ppo-20261129-101500 --n 8   # responses to held-out prompts, with rewards
 """
 
 
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n", type=int, help="number of held-out prompts (eval.num_prompts)")
     ev.add_argument("--out", help="where to write the results (default: RUN_DIR|MODEL_DIR/eval.json)")
     ev.set_defaults(run=_eval)
+    sa = sub.add_parser("sample", help="show a run's or a model's responses to held-out prompts, with their rewards")
+    sa.add_argument("target", metavar="RUN_DIR|MODEL_DIR")
+    sa.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sa.add_argument("--n", type=int, default=8, help="number of held-out problems (default 8)")
+    sa.add_argument("--prompt", action="append", help="a prompt of your own instead (repeatable); no reward without "
+                    "an answer")
+    sa.add_argument("--greedy", action="store_true", help="temperature 0 instead of rollout.temperature")
+    sa.add_argument("--config", help="for a model directory: the experiment config (default: configs/default.yaml)")
+    sa.add_argument("--env", help="sample on this environment id instead, e.g. textenv/Addition-v0")
+    sa.set_defaults(run=_sample)
     args, extra = parser.parse_known_args(argv)
     # section.key=value overrides may also follow options (eval DIR --n 16 seed=1), where argparse leaves them over.
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
@@ -99,6 +110,16 @@ def _eval(args: argparse.Namespace) -> int:
     print(" ".join(f"{k}={report[k]:.4g}" for k in ("eval/accuracy", "eval/reward", "eval/pass@k")) +
           f" (k={report['eval/k']}, {report['eval/prompts']} prompts)")
     print(out)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from cluster.evaluation import format_samples, sample_path
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1; got {args.n}")
+    rows = sample_path(Path(args.target), args.overrides, args.config, args.env, args.n, args.prompt, args.greedy)
+    print(format_samples(rows))
     return 0
 
 

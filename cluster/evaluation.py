@@ -9,13 +9,14 @@ During training (``eval.every``), :class:`Evaluator` runs before the first updat
 from __future__ import annotations
 
 
+import contextlib
 import json
 import os
 import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -72,8 +73,10 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------------------------------------- tokengym eval
-def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Evaluate the model in ``model_dir`` on ``cfg``'s environment with ``cfg.eval`` (starts and stops Ray)."""
+@contextlib.contextmanager
+def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
+    """Rollout actors (and the reward model, if any) serving ``model_dir`` with ``cfg``'s environment; Ray is started
+    for them and stopped afterwards unless it was running already. The engines hold weights version 0."""
     import ray
 
     from cluster.reward_model import RewardModelServer
@@ -85,10 +88,6 @@ def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, fl
 
     check_before_ray(cfg)
     env = make_env(cfg.env, tokenizer=HFTokenizerAdapter(load_tokenizer(model_dir))).unwrapped
-    try:
-        evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"env: {err}") from None
     started_ray = not ray.is_initialized()
     init_ray(cfg)
     reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
@@ -100,7 +99,7 @@ def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, fl
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
             num_cpus_per_actor=cfg.rollout.num_cpus_per_actor,
         )
-        return evaluator.run(group, version=0)  # the engines hold the directory's weights: version 0
+        yield group
     finally:
         if group is not None:
             group.shutdown()
@@ -110,20 +109,29 @@ def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, fl
             ray.shutdown()
 
 
-def evaluate_path(
-    target: Path, overrides: list[str], config: str | None = None, env_id: str | None = None, n: int | None = None,
-    out: Path | None = None,
-) -> Path:
-    """``tokengym eval``: a run directory (its config, its latest checkpoint's weights) or a model directory (with
-    ``config``, default configs/default.yaml, and ``env_id``); writes the metrics to ``out`` (default
-    ``target/eval.json``) and returns that path."""
+def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate the model in ``model_dir`` on ``cfg``'s environment with ``cfg.eval`` (starts and stops Ray)."""
+    try:
+        evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"env: {err}") from None
+    with engines(cfg, model_dir) as group:
+        return evaluator.run(group, version=0)  # the engines hold the directory's weights: version 0
+
+
+@contextlib.contextmanager
+def target_model(
+    target: Path | str, overrides: list[str], config: str | None = None, env_id: str | None = None,
+) -> Iterator[tuple[ExperimentConfig, Path, Path]]:
+    """``(cfg, model_dir, target)`` for a run directory (its config.yaml; its latest checkpoint exported to a
+    temporary HF directory), a model directory (``config``, default configs/default.yaml), or a pulled model's name.
+    ``env_id`` replaces the environment; ``overrides`` are section.key=value."""
     if not Path(target).exists():  # the name of a pulled model, e.g. smollm2-135m-instruct
         from cluster.pull import resolve_model_dir
 
-        target = resolve_model_dir("eval target", str(target))
+        target = resolve_model_dir("target", str(target))
     target = Path(target)
     extra = ([f"env={json.dumps({'id': env_id})}"] if env_id else []) + list(overrides)
-    extra += [f"eval.num_prompts={n}"] if n is not None else []
     if (target / "config.yaml").is_file():
         if config is not None:
             raise ConfigError(f"--config is for a model directory; the run directory {str(target)!r} brings its own "
@@ -132,14 +140,24 @@ def evaluate_path(
 
         cfg = load_config(target / "config.yaml", extra)
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = export_policy(target, Path(tmp) / "policy")  # the latest checkpoint as a HF directory
-            metrics, examples = evaluate_model(cfg, model_dir)
+            yield cfg, export_policy(target, Path(tmp) / "policy"), target  # the latest checkpoint as a HF dir
     elif (target / "config.json").is_file():
-        cfg = load_config(config, extra + [f"policy.model_path={target}"])
-        metrics, examples = evaluate_model(cfg, target)
+        yield load_config(config, extra + [f"policy.model_path={target}"]), target, target
     else:
         raise ConfigError(f"{str(target)!r} is neither a run directory (config.yaml) nor a Hugging Face model "
                           "directory (config.json)")
+
+
+def evaluate_path(
+    target: Path, overrides: list[str], config: str | None = None, env_id: str | None = None, n: int | None = None,
+    out: Path | None = None,
+) -> Path:
+    """``tokengym eval``: a run directory (its config, its latest checkpoint's weights) or a model directory (with
+    ``config``, default configs/default.yaml, and ``env_id``); writes the metrics to ``out`` (default
+    ``target/eval.json``) and returns that path."""
+    extra = list(overrides) + ([f"eval.num_prompts={n}"] if n is not None else [])
+    with target_model(target, extra, config, env_id) as (cfg, model_dir, target):
+        metrics, examples = evaluate_model(cfg, model_dir)
     out = Path(out) if out is not None else target / EVAL_FILE
     report = {**metrics, "target": str(target), "env": asdict(cfg.env), "eval": asdict(cfg.eval), "seed": cfg.seed,
               "examples": examples}
@@ -147,3 +165,46 @@ def evaluate_path(
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- tokengym sample
+def sample_path(
+    target: Path, overrides: list[str], config: str | None = None, env_id: str | None = None, n: int = 8,
+    prompts: list[str] | None = None, greedy: bool = False,
+) -> list[dict[str, Any]]:
+    """``tokengym sample``: the policy's responses to ``n`` held-out problems (or to the given ``prompts``, which have
+    no reference answer), sampled at the config's ``rollout.temperature`` (seeded by the run's seed) or greedily."""
+    with target_model(target, list(overrides), config, env_id) as (cfg, model_dir, _):
+        problems = ([TaskSample(p, "") for p in prompts] if prompts
+                    else heldout_problems(cfg.env, cfg.seed, n))
+        temperature = 0.0 if greedy else cfg.rollout.temperature
+        with engines(cfg, model_dir) as group:
+            rows = group.respond(problems, temperature, seed=cfg.seed * 1_000_003 + 7, version=0)
+    for row in rows:
+        if not row["answer"]:  # a prompt of the user's: the verifier has nothing to compare with
+            row["score"] = row["return"] = None
+    return rows
+
+
+def format_samples(rows: list[dict[str, Any]], width: int = 100) -> str:
+    """Rows of prompt / response / answer / reward as a readable text table (long texts wrapped, not cut)."""
+    import textwrap
+
+    def line(label: str, text: str, lead: str = "    ") -> str:  # long texts wrapped under their first line
+        head = f"{lead}{label + ':':10s}"
+        return textwrap.fill(repr(text)[1:-1], width, initial_indent=head, subsequent_indent=" " * len(head),
+                             drop_whitespace=False, break_on_hyphens=False) if text else head
+
+    out = []
+    for i, row in enumerate(rows, 1):
+        reward = "n/a (no answer)" if row["return"] is None else f"{row['return']:.3f} (score {row['score']:.3f})"
+        out.append(line("prompt", row["prompt"], lead=f"[{i}] "))
+        out.append(line("response", row["response"]))
+        if row["answer"]:
+            out.append(line("answer", row["answer"]))
+        out.append(f"    {'reward:':10s}{reward}")
+    rewards = [row["return"] for row in rows if row["return"] is not None]
+    if rewards:
+        out.append(f"mean reward {sum(rewards) / len(rewards):.3f} over {len(rewards)} problems; "
+                   f"{sum(r['score'] >= CORRECT for r in rows if r['score'] is not None)} right")
+    return "\n".join(out)

@@ -213,6 +213,23 @@ class VLLMRolloutActor:
             "examples": [(s.prompt, self.tokenizer.decode(ep["tokens"]), s.answer) for s, ep in zip(samples, greedy)],
         }
 
+    def respond(
+        self, samples: list[TaskSample], temperature: float, seed: int, expected_version: int
+    ) -> list[dict[str, Any]]:
+        """One response to each given problem (greedy at temperature 0, else seeded ``seed + i``): prompt, response,
+        answer, score and the episode's return. Like :meth:`evaluate`, it leaves training's state as it was."""
+        self._check_version(expected_version)
+        _, prompts = pose_problems(self.env, samples)
+        if temperature == 0.0:
+            episodes, _ = self._play([(s, p, 0) for s, p in zip(samples, prompts)], temperature=0.0, seeded=False)
+        else:
+            episodes, _ = self._play([(s, p, seed + i) for i, (s, p) in enumerate(zip(samples, prompts))],
+                                     temperature=temperature, seeded=True)
+        score_pending(self.env, episodes)
+        self.llm.reset_prefix_cache()
+        return [{"prompt": s.prompt, "response": self.tokenizer.decode(ep["tokens"]), "answer": s.answer,
+                 "score": float(ep["score"]), "return": float(np.sum(ep["rewards"]))} for s, ep in zip(samples, episodes)]
+
     def _check_version(self, expected_version: int) -> None:
         if self.weights_version != expected_version:
             raise StaleWeightsError(
@@ -435,6 +452,15 @@ class RolloutGroup:
         merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "examples"}
         merged["examples"] = [e for p in parts for e in p["examples"]]
         return merged
+
+    def respond(self, samples: list[TaskSample], temperature: float, seed: int, version: int) -> list[dict[str, Any]]:
+        """:meth:`VLLMRolloutActor.respond` over the actors, in problem order (problem i seeded ``seed + i``)."""
+        import ray
+
+        splits = [c for c in np.array_split(np.arange(len(samples)), len(self.actors)) if len(c)]
+        refs = [a.respond.remote([samples[i] for i in idx], temperature, seed + int(idx[0]), version)
+                for a, idx in zip(self.actors, splits)]
+        return [row for part in unwrap_ray_errors(lambda: ray.get(refs)) for row in part]
 
     def shutdown(self) -> None:
         import ray

@@ -12,7 +12,7 @@ from cluster.config import ConfigError, build_config
 from cluster.evaluation import EVAL_FILE, heldout_problems
 from cluster.rollout import actor_seed, draw_problems
 from cluster.run import check_before_ray
-from cluster.tracking import read_metrics
+from cluster.tracking import SAMPLES_FILE, read_metrics
 from cluster.trainer import iteration_seed
 from textenv import EnvConfig, make_env
 from test_e2e import only_run, tokengym  # noqa: E402  (same folder)
@@ -106,3 +106,26 @@ def test_eval_during_training_leaves_training_unchanged_and_tokengym_eval_writes
     assert EVAL_KEYS <= set(report) and report["eval/prompts"] == 16 and len(report["examples"]) == 16
     for key in ("eval/accuracy", "eval/reward", "eval/pass@k"):
         assert report[key] == pytest.approx(on[4][key], abs=1e-6), key
+
+    # samples.jsonl: every evaluation's greedy responses, scored; they agree with the metrics row.
+    samples = [json.loads(line) for line in (run / SAMPLES_FILE).read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [i for i in (0, 2, 4) for _ in range(16)]
+    assert {s["kind"] for s in samples} == {"eval"}
+    for it, row in ((0, on[0]), (2, on[2]), (4, on[4])):
+        scores = [s["score"] for s in samples if s["iteration"] == it]
+        assert sum(sc >= 1 - 1e-9 for sc in scores) / 16 == pytest.approx(row["eval/accuracy"])
+    assert [(s["prompt"], s["response"]) for s in samples if s["iteration"] == 4] == [
+        (e["prompt"], e["response"]) for e in report["examples"]]  # tokengym eval: the same policy, the same problems
+
+    # `tokengym sample`: the final policy's greedy responses, the same as its last evaluation's, as a table.
+    result = tokengym("sample", str(run), "--n", "4", "--greedy", "--prompt", "abcde=", "--prompt", "hgfed=",
+                      runs=tmp_path / "evalon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[1] prompt:   abcde=" in result.stdout and "[2] prompt:   hgfed=" in result.stdout
+    assert result.stdout.count("reward:   n/a (no answer)") == 2
+    result = tokengym("sample", str(run), "--n", "4", "--greedy", runs=tmp_path / "evalon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i, example in enumerate(report["examples"][:4], 1):
+        assert f"[{i}] prompt:   {example['prompt']}" in result.stdout
+        assert f"response: {example['response']}" in result.stdout
+    assert "mean reward" in result.stdout

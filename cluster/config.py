@@ -1,18 +1,20 @@
 """The experiment config: one frozen dataclass tree, and the one function that turns YAML into it.
 
-``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value`` overrides, and checks every key and
-type against the dataclasses. Errors are :class:`ConfigError` with one line naming the file, the key and the fix.
+``load_config(path, overrides)`` reads a YAML file (and the files its ``defaults:`` list names), applies
+``section.key=value`` overrides, and checks every key and type against the dataclasses. Errors are
+:class:`ConfigError` with one line naming the file, the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import string
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
@@ -184,19 +186,67 @@ class ExperimentConfig:
 
 # --------------------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read ``path`` (default: configs/default.yaml), apply ``key.sub=value`` overrides, validate, build."""
+    """Read ``path`` (default: configs/default.yaml) with its defaults, apply ``key.sub=value`` overrides, validate,
+    build."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file such as configs/default.yaml")
+    raw = read_composed(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw, source=str(path))
+
+
+DEFAULTS_KEY = "defaults"
+
+
+def read_composed(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of the YAML file ``path`` with its ``defaults:`` applied.
+
+    ``defaults: [a.yaml, b.yaml]`` (paths relative to the file's directory) are read first, in order, each with its
+    own defaults, and merged; then the file's own keys are merged on top. Sections merge key by key; any other value,
+    a mapping value such as ``env.task_kwargs`` included, replaces the one before it.
+    """
+    chain = (*_chain, path.resolve())
+    if path.resolve() in _chain:
+        raise ConfigError(f"config defaults form a cycle: {' -> '.join(str(p) for p in _relative(chain))}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item)
-    return build_config(raw, source=str(path))
+    defaults = raw.pop(DEFAULTS_KEY, [])
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{path}: defaults must be a list of config files, e.g. defaults: [default.yaml]; "
+                          f"got {defaults!r}")
+    merged: dict[str, Any] = {}
+    for name in defaults:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path}: defaults entry {name!r} does not exist (looked for {base}; paths are relative "
+                              "to the config file's directory)")
+        merged = _merge(merged, read_composed(base, chain), ExperimentConfig)
+    return _merge(merged, raw, ExperimentConfig)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """``top`` over ``base``: the keys of a section (a dataclass field) merge; other values replace."""
+    out = dict(base)
+    hints = typing.get_type_hints(cls)
+    for key, value in top.items():
+        tp = hints.get(key)
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value, tp)
+        else:
+            out[key] = value
+    return out
+
+
+def _relative(paths: Iterable[Path]) -> list[str]:
+    """Paths as the user wrote them: relative to the working directory where that is shorter."""
+    cwd = Path.cwd()
+    return [str(p.relative_to(cwd)) if p.is_relative_to(cwd) else str(p) for p in paths]
 
 
 def build_config(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
@@ -229,12 +279,26 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys under {where}: {', '.join(sorted(names))}")
+        guess = closest_key(str(unknown[0]), names)
+        if guess is not None:
+            raise ConfigError(f"unknown key {prefix + str(unknown[0])!r}; did you mean {prefix + guess!r}?")
+        raise ConfigError(f"unknown key {prefix + str(unknown[0])!r}; valid keys under {where}: {', '.join(sorted(names))}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def closest_key(key: str, names: Iterable[str]) -> str | None:
+    """The valid name a mistyped ``key`` most likely meant: one it extends or shortens (``lr_rate``, ``lrr`` ->
+    ``lr``), else the closest by :func:`difflib.get_close_matches`; None when nothing is close."""
+    names = sorted(names)
+    related = [n for n in names if min(len(n), len(key)) >= 2 and (key.startswith(n) or n.startswith(key))]
+    if related:
+        return difflib.get_close_matches(key, related, n=1, cutoff=0.0)[0]
+    found = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 _SCALARS = {bool: "true or false", int: "an integer", str: "a string"}

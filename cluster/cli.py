@@ -17,6 +17,8 @@ USAGE_EXAMPLES = """examples:
   tokengym train --resume runs/reverse-ppo-20261129-101500
   tokengym config configs/grpo.yaml                # the resolved config, every field with its help text
   tokengym envs                                    # the registered environments and their task_kwargs
+  tokengym plot runs/reverse-ppo-20261129-101500   # -> RUN_DIR/plots/summary.png
+  tokengym plot runs/a runs/b --out cmp.png        # several runs in one figure
   tokengym export runs/reverse-ppo-20261129-101500 --out exported/
   tokengym pull smollm2-135m-instruct              # prints the model directory on its last line
   tokengym eval runs/reverse-ppo-20261129-101500   # held-out accuracy, pass@k -> RUN_DIR/eval.json
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     cf.set_defaults(run=lambda a: _config(a.overrides))
     en = sub.add_parser("envs", help="list the registered textenv environments and their knobs (env.task_kwargs)")
     en.set_defaults(run=lambda a: _envs())
+    pt = sub.add_parser("plot", help="draw runs' metrics (reward, KL, entropy, length, losses, timing) into a PNG")
+    pt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pt.add_argument("--out", help="the PNG to write (default: RUN_DIR/plots/summary.png for one run, "
+                                  "./plots/compare.png for several)")
+    pt.set_defaults(run=lambda a: _plot([Path(d) for d in a.run_dirs], Path(a.out) if a.out else None))
     ex = sub.add_parser("export", help="write a run's policy as a Hugging Face model directory")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="the directory to write")
@@ -129,6 +136,13 @@ def _envs() -> int:
         knobs = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in e.knobs.items())
         if knobs:
             print(f"{'':<{width}}  task_kwargs: {knobs}")
+    return 0
+
+
+def _plot(run_dirs: list[Path], out: Path | None) -> int:
+    from cluster.plot import plot_runs
+
+    print(plot_runs(run_dirs, out))
     return 0
 
 

@@ -1,9 +1,12 @@
-"""The config documents itself: help texts from the comments beside the fields, the commented YAML that
-`tokengym config` prints, and docs/configuration.md, which must match what the code generates."""
+"""The docs cannot drift: help texts from the comments beside the config fields, the commented YAML that
+`tokengym config` prints, docs/configuration.md (must match what the code generates), and docs/metrics.md (must
+describe every key the code logs)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,7 @@ import yaml
 
 from cluster.config import ExperimentConfig, build_config, load_config
 from cluster.config_docs import _sections, commented_yaml, field_help, flow, reference_markdown, type_name
+from cluster.plot import PANELS, PHASES
 from policies.config import AlgorithmConfig
 from textenv.config import EnvConfig
 
@@ -81,3 +85,26 @@ def test_configuration_reference_is_up_to_date() -> None:
         for f in dataclasses.fields(cls):
             if not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
                 assert f"| `{f.name}` |" in committed
+
+
+def logged_keys() -> set[str]:
+    """Every metric key the trainer and the evaluation log, read from their source."""
+    trainer = (REPO / "cluster" / "trainer.py").read_text()
+    evaluation = (REPO / "cluster" / "evaluation.py").read_text()
+    namespaces = "reward|rollout|losses|timing|throughput|eval|data|weights"
+    keys = set(re.findall(rf'"((?:{namespaces})/[\w@]+)"', trainer + evaluation))
+    keys |= {f"timing/{phase}_s" for phase in re.findall(r'timed\(t, "(\w+)"\)', trainer)}
+    names = re.search(r"names = (\{.*?\})\n", trainer, flags=re.S).group(1)  # RLlib's stat name -> ours
+    keys |= {f"losses/{ours}" for ours in ast.literal_eval(names).values()}
+    return keys
+
+
+def test_metrics_doc_names_every_logged_key() -> None:
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `([\w/@]+)` \|", doc, flags=re.M))
+    keys = logged_keys()
+    assert {"reward/mean", "losses/grad_norm", "timing/update_s", "eval/pass@k", "weights/version"} <= keys
+    assert keys - documented == set(), "describe these in docs/metrics.md"
+    assert documented - keys == set(), "docs/metrics.md describes keys nothing logs"
+    drawn = {k for panel in PANELS for k in panel.lines + panel.markers} | {f"timing/{p}_s" for p in PHASES}
+    assert drawn <= keys  # tokengym plot draws real keys

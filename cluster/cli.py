@@ -6,9 +6,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, ExperimentConfig, load_config
 
 USAGE_EXAMPLES = """examples:
   tokengym train                                   # configs/default.yaml
@@ -116,7 +115,7 @@ def _config(positional: list[str]) -> int:
     return 0
 
 
-def _print_config(cfg: Any, source: str, overrides: list[str], verdict: str) -> None:
+def _print_config(cfg: ExperimentConfig, source: str, overrides: list[str], verdict: str) -> None:
     from cluster.config_docs import commented_yaml
 
     given = " ".join([source, *overrides])

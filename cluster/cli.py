@@ -7,12 +7,17 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, ExperimentConfig, load_config
 
 USAGE_EXAMPLES = """examples:
   tokengym train                                   # configs/default.yaml
   tokengym train configs/grpo.yaml algorithm.lr=1e-4 rollout.num_actors=4
+  tokengym train --dry-run configs/grpo.yaml seed=3  # check and print the resolved config; no training
   tokengym train --resume runs/reverse-ppo-20261129-101500
+  tokengym config configs/grpo.yaml                # the resolved config, every field with its help text
+  tokengym envs                                    # the registered environments and their task_kwargs
+  tokengym plot runs/reverse-ppo-20261129-101500   # -> RUN_DIR/plots/summary.png
+  tokengym plot runs/a runs/b --out cmp.png        # several runs in one figure
   tokengym export runs/reverse-ppo-20261129-101500 --out exported/
   tokengym pull smollm2-135m-instruct              # prints the model directory on its last line
   tokengym eval runs/reverse-ppo-20261129-101500   # held-out accuracy, pass@k -> RUN_DIR/eval.json
@@ -28,7 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="run an experiment (default: configs/default.yaml)")
     tr.add_argument("overrides", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    tr.set_defaults(run=lambda a: _train(a.overrides, a.resume))
+    tr.add_argument("--dry-run", action="store_true",
+                    help="check the config as train does before Ray starts, print it resolved, and stop")
+    tr.set_defaults(run=lambda a: _train(a.overrides, a.resume, a.dry_run))
+    cf = sub.add_parser("config", help="print a config resolved and validated, each field with its help text")
+    cf.add_argument("overrides", nargs="*", metavar="[CONFIG] [section.key=value ...]")
+    cf.set_defaults(run=lambda a: _config(a.overrides))
+    en = sub.add_parser("envs", help="list the registered textenv environments and their knobs (env.task_kwargs)")
+    en.set_defaults(run=lambda a: _envs())
+    pt = sub.add_parser("plot", help="draw runs' metrics (reward, KL, entropy, length, losses, timing) into a PNG")
+    pt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pt.add_argument("--out", help="the PNG to write (default: RUN_DIR/plots/summary.png for one run, "
+                                  "./plots/compare.png for several)")
+    pt.set_defaults(run=lambda a: _plot([Path(d) for d in a.run_dirs], Path(a.out) if a.out else None))
     ex = sub.add_parser("export", help="write a run's policy as a Hugging Face model directory")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="the directory to write")
@@ -72,22 +89,70 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(positional: list[str], resume: str | None) -> int:
-    from cluster.run import resume_config, train
+def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [section.key=value ...]`` -> the config file (None: the default) and the overrides."""
+    if positional and "=" not in positional[0]:
+        return positional[0], list(positional[1:])
+    return None, list(positional)
 
-    config_path = None
-    overrides = list(positional)
-    if overrides and "=" not in overrides[0]:
-        config_path = overrides.pop(0)
+
+def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> int:
+    from cluster.run import check_before_ray, resume_config, train
+
+    config_path, overrides = _split_config(positional)
     if resume is not None:
         if config_path is not None:
             raise ConfigError("--resume takes the run's own config.yaml; give only section.key=value overrides")
         cfg = resume_config(Path(resume), overrides)
-        run_dir = train(cfg, Path(resume), resume=True)
     else:
         cfg = load_config(config_path, overrides)
-        run_dir = train(cfg)
+    if dry_run:
+        from cluster.pull import resolve_model_paths
+
+        cfg = resolve_model_paths(cfg)
+        check_before_ray(cfg)
+        source = f"--resume {resume}" if resume is not None else config_path or "configs/default.yaml"
+        _print_config(cfg, source, overrides, "passed every check train makes before Ray starts (dry run)")
+        return 0
+    run_dir = train(cfg, Path(resume), resume=True) if resume is not None else train(cfg)
     print(f"run finished: {run_dir}")
+    return 0
+
+
+def _config(positional: list[str]) -> int:
+    config_path, overrides = _split_config(positional)
+    cfg = load_config(config_path, overrides)
+    _print_config(cfg, config_path or "configs/default.yaml", overrides, "valid")
+    return 0
+
+
+def _print_config(cfg: ExperimentConfig, source: str, overrides: list[str], verdict: str) -> None:
+    from cluster.config_docs import commented_yaml
+
+    given = " ".join([source, *overrides])
+    print(commented_yaml(cfg, header=f"{given}: resolved, {verdict}. Every field is set; the comments are their help "
+                                     "(docs/configuration.md)."), end="")
+
+
+def _envs() -> int:
+    import inspect
+
+    from textenv.catalog import registered_envs
+
+    envs = registered_envs()
+    width = max(len(e.id) for e in envs)
+    for e in envs:
+        print(f"{e.id:<{width}}  {e.description}")
+        knobs = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in e.knobs.items())
+        if knobs:
+            print(f"{'':<{width}}  task_kwargs: {knobs}")
+    return 0
+
+
+def _plot(run_dirs: list[Path], out: Path | None) -> int:
+    from cluster.plot import plot_runs
+
+    print(plot_runs(run_dirs, out))
     return 0
 
 

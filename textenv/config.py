@@ -14,15 +14,17 @@ from textenv.tokenizer import Tokenizer
 class EnvConfig:
     """Which registered environment to run, and its options."""
 
-    id: str = "textenv/Reverse-v0"
+    id: str = "textenv/Reverse-v0"  # a registered textenv id (`tokengym envs` lists them)
     task: str | None = None  # a built-in task name or "package.module:Class", replacing the id's own task
-    task_kwargs: dict[str, Any] = field(default_factory=dict)
-    reward_mode: Literal["per_token", "terminal"] = "per_token"
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # the task's own knobs, e.g. {length: 5}
+    reward_mode: Literal["per_token", "terminal"] = "per_token"  # per_token: each token earns the change in the
+    #   task's partial score (they add up to the final score); terminal: the whole reward on the last token
     reward_fn: str | None = None  # "package.module:function", called with a RewardContext at the episode's end
     max_response_tokens: int | None = None  # default: the task's own limit
-    max_prompt_tokens: int | None = None
-    truncate_prompt: bool = False
-    on_reward_error: Literal["raise", "failure_value"] = "raise"
+    max_prompt_tokens: int | None = None  # default: the task's longest prompt (+ the chat template's tokens)
+    truncate_prompt: bool = False  # cut longer prompts to their last max_prompt_tokens tokens instead of failing
+    on_reward_error: Literal["raise", "failure_value"] = "raise"  # a reward function that raises or returns
+    #   a non-finite value stops the run, or scores the task's failure_value (counted in reward/errors)
     chat_template: bool = False  # pose prompts as a user turn in the model tokenizer's chat template
     system_prompt: str | None = None  # with chat_template: the system turn (None: the template's own default)
 

@@ -56,7 +56,9 @@ def test_shipped_config_learns(config: str, tmp_path: Path) -> None:
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
-    rewards = [row["reward/mean"] for row in read_metrics(run)]
+    rows = read_metrics(run)
+    rewards = [row["reward/mean"] for row in rows]
+    assert all(row["rollout/logprob_gap"] < 1e-3 for row in rows), "learner and vLLM disagree on the sampled tokens"
     assert len(rewards) == iterations
     first, last = rewards[0], sum(rewards[-5:]) / 5
     assert first < 0.2, f"{config}: starts at {first:.3f}, so the bar says nothing"

@@ -75,7 +75,7 @@ def failures_logged(run_dir: Path, passthrough: tuple[type[BaseException], ...] 
         raise
     except Exception as err:  # noqa: BLE001 - reported in full in error.log, in one line on the console
         path = run_dir / ERROR_LOG
-        text = "".join(traceback.format_exception(err))
+        text = _ANSI.sub("", "".join(traceback.format_exception(err)))  # Ray colours the actor's name
         path.write_text(text)
         raise RunFailed(f"{one_line(err, text)} (traceback: {path})") from None
 
@@ -107,6 +107,7 @@ def _first_line(err: BaseException) -> str:
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _innermost_frame(text: str) -> str | None:

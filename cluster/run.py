@@ -275,6 +275,6 @@ def run_summary(run_dir: Path, last: int = 5) -> str:
     wandb_runs = sorted((run_dir / "wandb").glob(f"*run-*-{wandb_id}")) if wandb_id else []
     if wandb_runs:
         where = wandb_runs[-1]
-        hint = f" (upload: wandb sync {where})" if where.name.startswith("offline-") else ""
-        lines.append(f"  wandb           {where}{hint}")
+        offline = where.name.startswith("offline-")
+        lines.append(f"  wandb           {f'offline; upload with: wandb sync {where}' if offline else where}")
     return "\n".join(lines)

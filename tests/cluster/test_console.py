@@ -67,6 +67,7 @@ def test_reward_error_from_an_actor_is_one_line_naming_actor_function_and_prompt
                     f"'verifier exploded' on prompt 'abcde=' (traceback: {tmp_path / ERROR_LOG})")
     log = (tmp_path / ERROR_LOG).read_text()
     assert "Traceback" in log and 'raise KeyError("verifier exploded")' in log  # the user's frame, from the actor
+    assert "\x1b" not in log  # Ray's colours are for terminals
 
 
 def test_other_failures_name_the_component_the_exception_and_where_it_was_raised(tmp_path: Path) -> None:

@@ -145,7 +145,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
 
 def test_failing_reward_function_is_one_line_and_its_traceback_goes_to_error_log(tmp_path: Path) -> None:
     result = tokengym("train", "iterations=1", "name=fails", "env.reward_fn=tests.textenv.reward_fns:raising",
-                      "rollout.num_actors=1", "rollout.prompts_per_iteration=8", runs=tmp_path)
+                      "rollout.num_actors=1", "rollout.prompts_per_iteration=8", "algorithm.minibatch_size=8",
+                      runs=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     run = only_run(tmp_path)
     last = result.stderr.strip().splitlines()[-1]

@@ -12,12 +12,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cluster.checkpoint import latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
 from cluster.pull import resolve_model_paths
+from cluster.tracking import Tracker, wandb_mode
 from textenv import EpochOrder, HFTokenizerAdapter, make_env
+
+if TYPE_CHECKING:
+    from cluster.trainer import Trainer  # torch and Ray: imported when a run starts
 
 CHECKPOINTS = "checkpoints"
 POLICY_INIT = "policy_init"
@@ -93,6 +97,7 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
             env.task.heldout()
         except ValueError as err:
             raise ConfigError(f"eval.every={cfg.eval.every}: {err}") from None
+    wandb_mode(cfg.tracking)  # with mode auto: W&B credentials that exist but are invalid are a config error
 
 
 def check_reward_model(path: str, label: int | str) -> None:
@@ -160,7 +165,6 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
 
 def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str]) -> None:
     """The run itself: policy, Ray, trainer, tracker, the loop, then the artifacts."""
-    from cluster.tracking import Tracker
     from cluster.trainer import Trainer
     from policies.models import load_tokenizer
 
@@ -195,7 +199,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str]) -
         trainer.shutdown()
 
 
-def train_loop(cfg: ExperimentConfig, trainer: Any, tracker: Any, start: int, ckpt_root: Path) -> None:
+def train_loop(cfg: ExperimentConfig, trainer: Trainer, tracker: Tracker, start: int, ckpt_root: Path) -> None:
     """Iterations ``start + 1 .. cfg.iterations``: train, evaluate and log samples when due, log, checkpoint."""
     every, samples_every = cfg.eval.every, cfg.tracking.log_samples_every
     if every > 0 and start == 0:  # the policy before any update, as iteration 0
@@ -215,7 +219,7 @@ def train_loop(cfg: ExperimentConfig, trainer: Any, tracker: Any, start: int, ck
             trainer.save(ckpt_root, iteration, {"wandb_id": tracker.wandb_id})
 
 
-def log_artifacts(tracker: Any, run_dir: Path) -> None:
+def log_artifacts(tracker: Tracker, run_dir: Path) -> None:
     """The final checkpoint and its export (a Hugging Face model directory) as the run's W&B artifacts."""
     import tempfile
 
@@ -246,7 +250,7 @@ def run_summary(run_dir: Path, last: int = 5) -> str:
     from cluster.tracking import METRICS_FILE, WANDB_ID_FILE, read_metrics
 
     logged = read_metrics(run_dir)
-    rows = [r for r in logged if "reward/mean" in r]  # not the evaluation before training
+    rows = [r for r in logged if r.get("reward/mean") is not None]  # not the evaluation before training
     lines = [f"run finished: {run_dir}"]
     if rows:
         tail = rows[-last:]

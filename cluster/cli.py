@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 from cluster.config import ConfigError, ExperimentConfig, load_config
+from cluster.console import RunFailed
 
 USAGE_EXAMPLES = """examples:
   tokengym train                                   # configs/default.yaml
   tokengym train configs/grpo.yaml algorithm.lr=1e-4 rollout.num_actors=4
   tokengym train --dry-run configs/grpo.yaml seed=3  # check and print the resolved config; no training
   tokengym train --resume runs/reverse-ppo-20261129-101500
+  tokengym train --verbose                         # Ray's, RLlib's and vLLM's logs on the console, not console.log
   tokengym config configs/grpo.yaml                # the resolved config, every field with its help text
   tokengym envs                                    # the registered environments and their task_kwargs
   tokengym plot runs/reverse-ppo-20261129-101500   # -> RUN_DIR/plots/summary.png
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     tr.add_argument("--dry-run", action="store_true",
                     help="check the config as train does before Ray starts, print it resolved, and stop")
-    tr.set_defaults(run=lambda a: _train(a.overrides, a.resume, a.dry_run))
+    tr.add_argument("--verbose", action="store_true", help="show what Ray, RLlib and vLLM print (tracking.verbose); "
+                    "by default it goes to RUN_DIR/console.log")
+    tr.set_defaults(run=lambda a: _train([*a.overrides, *(["tracking.verbose=true"] if a.verbose else [])], a.resume,
+                                         a.dry_run))
     cf = sub.add_parser("config", help="print a config resolved and validated, each field with its help text")
     cf.add_argument("overrides", nargs="*", metavar="[CONFIG] [section.key=value ...]")
     cf.set_defaults(run=lambda a: _config(a.overrides))
@@ -84,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"tokengym: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # one line naming what failed; the traceback is in the run's error.log
+        print(f"tokengym: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tokengym: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
@@ -97,7 +105,7 @@ def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> int:
-    from cluster.run import check_before_ray, resume_config, train
+    from cluster.run import check_before_ray, resume_config, run_summary, train
 
     config_path, overrides = _split_config(positional)
     if resume is not None:
@@ -115,7 +123,7 @@ def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> 
         _print_config(cfg, source, overrides, "passed every check train makes before Ray starts (dry run)")
         return 0
     run_dir = train(cfg, Path(resume), resume=True) if resume is not None else train(cfg)
-    print(f"run finished: {run_dir}")
+    print(run_summary(run_dir))
     return 0
 
 

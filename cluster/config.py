@@ -131,9 +131,20 @@ class TrackingConfig:
     wandb: bool = True  # log to Weights & Biases (metrics.jsonl is written either way)
     project: str = "tokengym"  # the W&B project
     entity: str | None = None  # the W&B team or user; None: the account's default
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with WANDB_API_KEY, else offline
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE when set, else online when
+    #   W&B finds credentials (WANDB_API_KEY, `wandb login`'s ~/.netrc, its settings file), else offline
+    name: str | None = None  # the W&B run name; None: the run directory's name
+    group: str | None = None  # the W&B group; None: the run directory's name (a resumed run joins it)
+    tags: list[str] = field(default_factory=list)  # W&B tags of the run
+    notes: str | None = None  # W&B notes: a longer description of the run
+    log_samples_every: int = 10  # every N iterations, a few rollouts (prompt, response, reward) to samples.jsonl
+    #   and a W&B table; 0: off
+    log_artifacts: bool = False  # at the end, the final checkpoint and its exported HF model as W&B artifacts
     progress_bar: bool = True  # a tqdm bar on stderr with the live reward and KL
-    verbose: bool = False  # show the Ray actors' own logs (vLLM, RLlib) on the console
+    verbose: bool = False  # Ray, RLlib and vLLM logs on the console (and the actors' output); else in console.log
+
+    def __post_init__(self) -> None:
+        check_ranges("tracking", self, {"log_samples_every": ">=0"})
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ class RewardModelScorer:
         self.calls = self.texts = 0
         self.seconds = 0.0
 
+    def __repr__(self) -> str:  # how Ray's errors and log prefixes name this actor
+        return "reward model"
+
     def ready(self) -> dict[str, Any]:
         return {"path": str(self.path), "num_labels": self.model.config.num_labels, "label": self.label,
                 "device": str(self.device)}
@@ -115,11 +118,13 @@ class RewardModelReward:
     """The batched reward (``score_batch``) that calls a :class:`RewardModelScorer` actor once per batch.
 
     The text scored is ``template`` filled with the sample's ``prompt`` (and ``answer``) and the ``response``; the
-    reward is ``weight`` x the model's score.
+    reward is ``weight`` x the model's score. ``name`` is how reward errors name it (``reward model 'PATH'``).
     """
 
-    def __init__(self, scorer: Any, template: str = "{prompt}{response}", weight: float = 1.0) -> None:
+    def __init__(self, scorer: Any, template: str = "{prompt}{response}", weight: float = 1.0,
+                 path: str = "") -> None:
         self.scorer, self.template, self.weight = scorer, template, weight
+        self.name = f"reward model {path!r}"
 
     def text(self, ctx: RewardContext) -> str:
         return self.template.format(prompt=ctx.sample.prompt, answer=ctx.sample.answer, response=ctx.response_text)
@@ -127,7 +132,12 @@ class RewardModelReward:
     def score_batch(self, ctxs: list[RewardContext]) -> list[float]:
         import ray
 
-        scores = unwrap_ray_errors(lambda: ray.get(self.scorer.score.remote([self.text(c) for c in ctxs])))
+        try:
+            scores = ray.get(self.scorer.score.remote([self.text(c) for c in ctxs]))
+        except ray.exceptions.RayTaskError as err:
+            # The scorer's own exception, so that the reward error reads "reward model ... raised ValueError: ...";
+            # Ray's wrapper (the scorer's traceback) stays chained to it for the run's error.log.
+            raise err.cause from err
         return [self.weight * s for s in scores]
 
 
@@ -142,13 +152,13 @@ class RewardModelServer:
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(RewardModelScorer)
         self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device)
-        self.info = unwrap_ray_errors(lambda: ray.get(self.actor.ready.remote()))
-        self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight)
+        self.info = unwrap_ray_errors(lambda: ray.get(self.actor.ready.remote()), where="reward model")
+        self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, path=cfg.path)
 
     def stats(self) -> dict[str, Any]:
         import ray
 
-        return unwrap_ray_errors(lambda: ray.get(self.actor.stats.remote()))
+        return unwrap_ray_errors(lambda: ray.get(self.actor.stats.remote()), where="reward model")
 
     def shutdown(self) -> None:
         import ray

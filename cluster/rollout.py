@@ -15,10 +15,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cluster.console import ActorDied, tag
 from policies.models import weight_names
 from textenv import (
     BatchRewardFn, DatasetTask, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
 )
+
+
+EXAMPLES_PER_ACTOR = 4  # rollouts (prompt, response, reward) each actor returns per sample() for the samples table
 
 
 class StaleWeightsError(RuntimeError):
@@ -88,7 +92,8 @@ class VLLMRolloutActor:
 
         self.index, self.opts = index, engine
         self._SamplingParams = SamplingParams
-        start = time.perf_counter()
+        self._started = time.perf_counter()
+        self.startup_s: float | None = None
         self.chunked_prefill = use_chunked_prefill(engine.chunked_prefill, engine.seeded_sampling, current_platform.is_cpu())
         budget = engine.max_num_batched_tokens
         if budget is not None and not self.chunked_prefill and budget < engine.max_model_len:
@@ -115,13 +120,20 @@ class VLLMRolloutActor:
         self._env_pool: list[TokenEnv] = []
         self.weights_version = 0
         self._weight_names = set(weight_names(engine.model_dir).names)
-        # Warm-up: the first generate call is slow. A dataset task's rows are the driver's to hand out, so the
-        # warm-up poses rows by index and moves no cursor.
-        warm_rows = [i % self.env.task.num_rows for i in range(4)] if isinstance(self.env.task, DatasetTask) else None
-        self.sample(4, 1, seed=0, expected_version=0, rows=warm_rows)
-        self.startup_s = time.perf_counter() - start
+
+    def __repr__(self) -> str:  # how Ray's errors and log prefixes name this actor
+        return f"rollout actor {self.index}"
 
     def ready(self) -> dict[str, Any]:
+        """Warm the engine up (once) and describe it. The warm-up runs the task and the reward function, so it is
+        a method call rather than part of ``__init__``: a user error there comes back as that exception."""
+        if self.startup_s is None:
+            # The first generate call is slow. A dataset task's rows are the driver's to hand out, so the warm-up
+            # poses rows by index and moves no cursor.
+            task = self.env.task
+            warm_rows = [i % task.num_rows for i in range(4)] if isinstance(task, DatasetTask) else None
+            self.sample(4, 1, seed=0, expected_version=0, rows=warm_rows)
+            self.startup_s = time.perf_counter() - self._started
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         return {"index": self.index, "startup_s": self.startup_s, "pid": os.getpid(),
                 "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens}
@@ -163,7 +175,8 @@ class VLLMRolloutActor:
         Returns fixed-shape arrays (rows of one prompt are consecutive): ``prompt_ids`` (N, P) left-padded,
         ``response_ids``/``action_mask``/``sampling_logp``/``rewards`` (N, R) right-padded, ``response_length``
         (N,), ``score`` (N,), ``row`` (N,) (the dataset row posed, -1 for a generated problem), and counters.
-        ``action_mask`` is 0 at a multi-turn environment's reply tokens.
+        ``action_mask`` is 0 at a multi-turn environment's reply tokens. ``examples``: up to ``EXAMPLES_PER_ACTOR``
+        rollouts spread over the batch, each a dict of prompt, response (decoded) and reward (the episode's return).
         """
         self._check_version(expected_version)
         env = self.env
@@ -183,9 +196,14 @@ class VLLMRolloutActor:
         timings["batch_reward_s"] = time.perf_counter() - t0
         out = self._pack(requests, episodes)
         out["row"] = np.repeat(served, samples_per_prompt)
-        out.update(weights_version=self.weights_version, **timings,
-                   examples=[(samples[0].prompt, env.tokenizer.decode(episodes[0]["tokens"]))])
+        out.update(weights_version=self.weights_version, **timings, examples=self._examples(requests, episodes))
         return out
+
+    def _examples(self, requests: list[tuple[TaskSample, list[int], int]], episodes: list[dict]) -> list[dict[str, Any]]:
+        """A few rollouts, evenly spread over the batch (so groups of one prompt do not fill it), decoded."""
+        picks = sorted(set(np.linspace(0, len(episodes) - 1, EXAMPLES_PER_ACTOR).round().astype(int).tolist()))
+        return [{"prompt": requests[i][0].prompt, "response": self.tokenizer.decode(episodes[i]["tokens"]),
+                 "reward": float(np.sum(episodes[i]["rewards"]))} for i in picks]
 
     def evaluate(
         self, samples: list[TaskSample], k: int, temperature: float, seed: int, expected_version: int
@@ -393,14 +411,21 @@ class RolloutGroup:
 
         actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(VLLMRolloutActor)
         self.actors = [actor_cls.remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)]
-        self.info = unwrap_ray_errors(lambda: ray.get([a.ready.remote() for a in self.actors]))
+        self.info = self._gather([a.ready.remote() for a in self.actors])
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """The results of one call per actor (``refs[i]`` from actor i), in order; a failure is re-raised as the
+        actor's own exception, marked with the actor's name ("rollout actor i") for the run's error line."""
+        import ray
+
+        return [unwrap_ray_errors(lambda: ray.get(ref), where=f"rollout actor {i}") for i, ref in enumerate(refs)]
 
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
         """Push the same weights to every actor (one copy in the object store) and wait for all of them."""
         import ray
 
         ref = ray.put(named_arrays)
-        versions = unwrap_ray_errors(lambda: ray.get([a.load_weights.remote(ref, version) for a in self.actors]))
+        versions = self._gather([a.load_weights.remote(ref, version) for a in self.actors])
         if any(v != version for v in versions):
             raise StaleWeightsError(f"weight sync to version {version} failed: actors report {versions}")
 
@@ -412,8 +437,6 @@ class RolloutGroup:
         ``rows`` (one dataset row index per prompt, chosen by the driver) are split the same way: each actor poses
         its consecutive share, so no row goes to two actors.
         """
-        import ray
-
         chunks = np.array_split(np.arange(num_prompts), len(self.actors))
         if rows is not None and len(rows) != num_prompts:
             raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts; give one per prompt")
@@ -421,8 +444,8 @@ class RolloutGroup:
             a.sample.remote(len(c), samples_per_prompt, actor_seed(seed, i), version,
                             rows=None if rows is None else [int(rows[k]) for k in c])
             for i, (a, c) in enumerate(zip(self.actors, chunks)) if len(c) > 0
-        ]
-        parts = unwrap_ray_errors(lambda: ray.get(refs))
+        ]  # the first len(refs) actors: every actor has prompts unless there are fewer prompts than actors
+        parts = self._gather(refs)
         stale = [p["weights_version"] for p in parts if p["weights_version"] != version]
         if stale:  # defence in depth: the actors already refuse, but a batch must never mix versions
             raise StaleWeightsError(f"rollouts sampled with weights {stale}, expected version {version}")
@@ -443,24 +466,20 @@ class RolloutGroup:
     ) -> dict[str, Any]:
         """:meth:`VLLMRolloutActor.evaluate` over the actors; problem i's sampled requests are seeded
         ``seed + i * k + j`` whichever actor serves it. Arrays merged in problem order."""
-        import ray
-
         splits = [c for c in np.array_split(np.arange(len(samples)), len(self.actors)) if len(c)]
         refs = [a.evaluate.remote([samples[i] for i in idx], k, temperature, seed + int(idx[0]) * k, version)
                 for a, idx in zip(self.actors, splits)]
-        parts = unwrap_ray_errors(lambda: ray.get(refs))
+        parts = self._gather(refs)
         merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "examples"}
         merged["examples"] = [e for p in parts for e in p["examples"]]
         return merged
 
     def respond(self, samples: list[TaskSample], temperature: float, seed: int, version: int) -> list[dict[str, Any]]:
         """:meth:`VLLMRolloutActor.respond` over the actors, in problem order (problem i seeded ``seed + i``)."""
-        import ray
-
         splits = [c for c in np.array_split(np.arange(len(samples)), len(self.actors)) if len(c)]
         refs = [a.respond.remote([samples[i] for i in idx], temperature, seed + int(idx[0]), version)
                 for a, idx in zip(self.actors, splits)]
-        return [row for part in unwrap_ray_errors(lambda: ray.get(refs)) for row in part]
+        return [row for part in self._gather(refs) for row in part]
 
     def shutdown(self) -> None:
         import ray
@@ -495,15 +514,19 @@ def actor_seed(seed: int, index: int) -> int:
     return derive_seed(seed, index)
 
 
-def unwrap_ray_errors(fn: Any) -> Any:
-    """Run ``fn``; a task that failed inside an actor re-raises its own exception, not Ray's wrapper."""
+def unwrap_ray_errors(fn: Any, where: str | None = None) -> Any:
+    """Run ``fn``; a task that failed inside an actor re-raises its own exception, not Ray's wrapper (its message
+    carries the actor's traceback), marked as raised in ``where`` (e.g. "rollout actor 1"; see
+    :func:`cluster.console.one_line`). An actor that died is :class:`cluster.console.ActorDied`."""
     import ray
 
     try:
         return fn()
     except ray.exceptions.RayTaskError as err:
-        raise err.as_instanceof_cause() from None
+        own = err.as_instanceof_cause()
+        raise (tag(own, where) if where else own) from None
     except ray.exceptions.RayActorError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1] if lines else "")
-        raise RuntimeError(f"a Ray actor died: {cause}") from None
+        # Ray's message (the actor's traceback when its __init__ failed) stays the cause: it goes to error.log.
+        raise ActorDied(f"{where or 'a Ray actor'} died: {cause}") from err

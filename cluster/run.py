@@ -1,8 +1,9 @@
 """A run from start to finish: its directory, its policy checkpoint, Ray, the loop, logging and checkpoints.
 
-``runs/<run-name>/`` holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``checkpoints/``,
-``policy_init/`` (the tiny model built for the run, when no ``policy.model_path`` is given), ``wandb/`` and, once the
-run has finished, ``plots/summary.png``.
+``runs/<run-name>/`` holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``samples.jsonl``,
+``checkpoints/``, ``policy_init/`` (the tiny model built for the run, when no ``policy.model_path`` is given),
+``wandb/`` (and ``wandb_id``, the W&B run logging it now), ``console.log`` (what Ray, RLlib and vLLM printed),
+``error.log`` (after a failure: its traceback) and, once the run has finished, ``plots/summary.png``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cluster.checkpoint import latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
 from cluster.pull import resolve_model_paths
+from cluster.tracking import Tracker, wandb_mode
 from textenv import EpochOrder, HFTokenizerAdapter, make_env
+
+if TYPE_CHECKING:
+    from cluster.trainer import Trainer  # torch and Ray: imported when a run starts
 
 CHECKPOINTS = "checkpoints"
 POLICY_INIT = "policy_init"
@@ -92,6 +97,7 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
             env.task.heldout()
         except ValueError as err:
             raise ConfigError(f"eval.every={cfg.eval.every}: {err}") from None
+    wandb_mode(cfg.tracking)  # with mode auto: W&B credentials that exist but are invalid are a config error
 
 
 def check_reward_model(path: str, label: int | str) -> None:
@@ -113,6 +119,7 @@ def check_reward_model(path: str, label: int | str) -> None:
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
+    """Start a local Ray sized for the run, or join ``cluster.address``; nothing when Ray is running already."""
     import ray
 
     if ray.is_initialized():
@@ -130,10 +137,12 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
-    """Run (or resume) an experiment; returns its run directory."""
-    from cluster.tracking import Tracker
-    from cluster.trainer import Trainer
-    from policies.models import load_tokenizer
+    """Run (or resume) an experiment; returns its run directory.
+
+    Unless ``tracking.verbose``, what Ray, RLlib and vLLM print goes to ``RUN_DIR/console.log``; an exception ends
+    the run as :class:`cluster.console.RunFailed` (one line) with its traceback in ``RUN_DIR/error.log``.
+    """
+    from cluster.console import failures_logged, quiet_console
 
     cfg = resolve_model_paths(cfg)  # e.g. model_path: smollm2-135m-instruct -> its directory in the model cache
     check_before_ray(cfg)
@@ -141,49 +150,85 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; resume it with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_console(run_dir, cfg.tracking.verbose) as console, failures_logged(run_dir, passthrough=(ConfigError,)):
+        import ray
+
+        ray_was_running = ray.is_initialized()
+        try:
+            _run(cfg, run_dir, resume, console)
+        finally:
+            if not ray_was_running and ray.is_initialized():
+                ray.shutdown()  # here, so that what Ray prints on the way out lands in console.log too
+    plot_summary(run_dir)
+    return run_dir
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str]) -> None:
+    """The run itself: policy, Ray, trainer, tracker, the loop, then the artifacts."""
+    from cluster.trainer import Trainer
+    from policies.models import load_tokenizer
+
     ckpt_root = run_dir / CHECKPOINTS
     model_dir = prepare_policy(cfg, run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     env = make_env(cfg.env, tokenizer=HFTokenizerAdapter(load_tokenizer(model_dir))).unwrapped
-
     checkpoint = latest_checkpoint(ckpt_root) if resume else None
-    state = read_state(checkpoint) if checkpoint else {}
-    start = int(state.get("iteration", 0))
-    wandb_id = state.get("wandb_id") or _wandb_id(run_dir)
+    start = int(read_state(checkpoint)["iteration"]) if checkpoint else 0
 
     init_ray(cfg)
     data = EpochOrder.for_task(env.task, cfg.seed)  # a dataset task's rows, served in epochs by the driver
     trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens, data=data)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-    else:
-        trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
-    tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), wandb_id, start, cfg.iterations)
     exit_code = 1
-    every = cfg.eval.every
+    tracker = None
     try:
-        if every > 0 and start == 0:  # the policy before any update, as iteration 0
-            scores, examples = trainer.evaluate()
-            tracker.log({"iteration": 0, **scores})
-            tracker.log_samples(0, "eval", examples)
-        for iteration in range(start + 1, cfg.iterations + 1):
-            metrics = trainer.run_iteration(iteration)
-            if every > 0 and iteration % every == 0:
-                scores, examples = trainer.evaluate()  # the policy after this iteration's update
-                metrics.update(scores)
-                tracker.log_samples(iteration, "eval", examples)
-            tracker.log(metrics)
-            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
-                trainer.save(ckpt_root, iteration, {"wandb_id": wandb_id})
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        else:
+            trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
+        tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), start, cfg.iterations, console)
+        train_loop(cfg, trainer, tracker, start, ckpt_root)
+        if cfg.tracking.log_artifacts:
+            log_artifacts(tracker, run_dir)
         exit_code = 0
     except KeyboardInterrupt:
         exit_code = 130
         raise
     finally:
-        tracker.close(exit_code)
+        if tracker is not None:
+            tracker.close(exit_code)
         trainer.shutdown()
-    plot_summary(run_dir)
-    return run_dir
+
+
+def train_loop(cfg: ExperimentConfig, trainer: Trainer, tracker: Tracker, start: int, ckpt_root: Path) -> None:
+    """Iterations ``start + 1 .. cfg.iterations``: train, evaluate and log samples when due, log, checkpoint."""
+    every, samples_every = cfg.eval.every, cfg.tracking.log_samples_every
+    if every > 0 and start == 0:  # the policy before any update, as iteration 0
+        scores, examples = trainer.evaluate()
+        tracker.log_samples(0, "eval", examples)
+        tracker.log({"iteration": 0, **scores})
+    for iteration in range(start + 1, cfg.iterations + 1):
+        metrics, rollouts = trainer.run_iteration(iteration)
+        if samples_every > 0 and iteration % samples_every == 0:
+            tracker.log_samples(iteration, "train", rollouts)
+        if every > 0 and iteration % every == 0:
+            scores, examples = trainer.evaluate()  # the policy after this iteration's update
+            metrics.update(scores)
+            tracker.log_samples(iteration, "eval", examples)
+        tracker.log(metrics)
+        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+            trainer.save(ckpt_root, iteration, {"wandb_id": tracker.wandb_id})
+
+
+def log_artifacts(tracker: Tracker, run_dir: Path) -> None:
+    """The final checkpoint and its export (a Hugging Face model directory) as the run's W&B artifacts."""
+    import tempfile
+
+    from cluster.export import export_policy
+
+    checkpoint = latest_checkpoint(run_dir / CHECKPOINTS)
+    tracker.log_artifact(checkpoint, f"{run_dir.name}-checkpoint", "checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:  # W&B copies the files into its staging area when they are added
+        tracker.log_artifact(export_policy(run_dir, Path(tmp) / "hf"), f"{run_dir.name}-model", "model")
 
 
 def plot_summary(run_dir: Path) -> Path | None:
@@ -198,11 +243,42 @@ def plot_summary(run_dir: Path) -> Path | None:
         return None
 
 
-def _wandb_id(run_dir: Path) -> str:
-    """A W&B run id stored in the run directory, so that a resumed run continues the same W&B run."""
-    path = run_dir / "wandb_id"
-    if not path.exists():
-        import secrets
+def run_summary(run_dir: Path, last: int = 5) -> str:
+    """A finished run in a few lines: final reward (mean of the last ``last`` iterations), best eval accuracy, mean
+    time per phase, and where its files are."""
+    from cluster.plot import PHASES, SUMMARY
+    from cluster.tracking import METRICS_FILE, WANDB_ID_FILE, read_metrics
 
-        path.write_text(secrets.token_hex(4))
-    return path.read_text().strip()
+    logged = read_metrics(run_dir)
+    rows = [r for r in logged if r.get("reward/mean") is not None]  # not the evaluation before training
+    lines = [f"run finished: {run_dir}"]
+    if rows:
+        tail = rows[-last:]
+        mean = sum(r["reward/mean"] for r in tail) / len(tail)
+        lines.append(f"  reward          {mean:.4g} (mean reward/mean of iterations {tail[0]['iteration']}-"
+                     f"{tail[-1]['iteration']})")
+    evals = [r for r in logged if r.get("eval/accuracy") is not None]
+    if evals:
+        best = max(evals, key=lambda r: r["eval/accuracy"])
+        lines.append(f"  eval accuracy   {best['eval/accuracy']:.4g} (best, at iteration {best['iteration']}; "
+                     f"{evals[-1]['eval/accuracy']:.4g} at the last evaluation)")
+    phases = []
+    for phase in (*PHASES, "iteration"):
+        times = [r[f"timing/{phase}_s"] for r in rows if r.get(f"timing/{phase}_s") is not None]
+        if times:
+            phases.append(f"{phase} {sum(times) / len(times):.3g}s")
+    if phases:
+        lines.append(f"  time per phase  {', '.join(phases)} (mean per iteration)")
+    lines.append(f"  metrics         {run_dir / METRICS_FILE}")
+    checkpoint = latest_checkpoint(run_dir / CHECKPOINTS)
+    if checkpoint is not None:
+        lines.append(f"  checkpoint      {checkpoint}")
+    if (run_dir / SUMMARY).is_file():
+        lines.append(f"  plots           {run_dir / SUMMARY}")
+    wandb_id = (run_dir / WANDB_ID_FILE).read_text().strip() if (run_dir / WANDB_ID_FILE).is_file() else None
+    wandb_runs = sorted((run_dir / "wandb").glob(f"*run-*-{wandb_id}")) if wandb_id else []
+    if wandb_runs:
+        where = wandb_runs[-1]
+        offline = where.name.startswith("offline-")
+        lines.append(f"  wandb           {f'offline; upload with: wandb sync {where}' if offline else where}")
+    return "\n".join(lines)

@@ -75,7 +75,8 @@ class Trainer:
         self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
 
     # ------------------------------------------------------------------------------------------ one iteration
-    def run_iteration(self, iteration: int) -> dict[str, Any]:
+    def run_iteration(self, iteration: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One iteration; its metrics, and a few of its rollouts (prompt, response, reward) for the samples table."""
         t: dict[str, float] = {}
         start = time.perf_counter()
         n = self.cfg.rollout.prompts_per_iteration
@@ -97,8 +98,10 @@ class Trainer:
         t["timing/iteration_s"] = time.perf_counter() - start
         trained = float(batch[ATTENTION_MASK].sum()) * self.cfg.algorithm.num_epochs
         data = {"data/epoch": self.data.progress} if self.data is not None else {}
-        return {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
-                "throughput/update_tokens_per_s": trained / t["timing/update_s"], "weights/version": self.weights_version}
+        metrics = {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
+                   "throughput/update_tokens_per_s": trained / t["timing/update_s"],
+                   "weights/version": self.weights_version}
+        return metrics, rollouts["examples"]
 
     def evaluate(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The ``eval/`` metrics of the policy the engines hold now (greedy accuracy and reward, pass@k), and its
@@ -107,7 +110,8 @@ class Trainer:
 
     def rollout_stats(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pre-update log-probs (and values, reference log-probs) from the learners: one forward per sequence."""
-        return unwrap_ray_errors(lambda: group_rollout_stats(self.learners, batch, self.cfg.algorithm.minibatch_size))
+        return unwrap_ray_errors(lambda: group_rollout_stats(self.learners, batch, self.cfg.algorithm.minibatch_size),
+                                 where="learner")
 
     def add_advantages(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """Advantages and returns from the registered estimator, written into ``batch``."""
@@ -142,7 +146,7 @@ class Trainer:
         results = unwrap_ray_errors(lambda: self.learners.update(
             batch=mab, num_epochs=algo.num_epochs, minibatch_size=algo.minibatch_size, shuffle_batch_per_epoch=True,
             timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: iteration},  # the clock of algorithm.lr_schedule
-        ))
+        ), where="learner")
         stats = results[0][MODULE_ID]
         names = {"policy_loss": "policy_loss", "value_loss": "value_loss", "entropy": "entropy",
                  "approx_kl": "approx_kl", "clipfrac": "clipfrac", "kl_ref": "kl_ref",

@@ -1,62 +1,61 @@
-"""Reads the history that W&B wrote into an offline run's ``.wandb`` file (for tests).
+"""Reads offline W&B runs back with W&B's own reader, for tests.
 
-The file is W&B's LevelDB-style log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB blocks of
-records, each with a 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf
-``Record`` from ``wandb.proto.wandb_internal_pb2``.
+wandb 0.31 has no Python reader of the ``.wandb`` transaction log any more (the old ``DataStore`` is gone); its own
+reader lives in wandb-core, behind ``wandb leet inspect --json``: one JSON object per record (``history``,
+``run``, ``config``, ``artifact``, ...), history items decoded into a mapping.
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-BLOCK = 32 * 1024
-HEADER = 7
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    """The offline W&B run directories under ``run_dir/wandb``, oldest first (their names start with the time)."""
+    return sorted(p for p in (Path(run_dir) / "wandb").glob("offline-run-*") if p.is_dir())
 
 
-def read_records(path: Path) -> list[Any]:
-    from wandb.proto import wandb_internal_pb2 as pb
+def read_records(wandb_run: Path) -> list[dict[str, Any]]:
+    """Every record of one W&B run directory's ``.wandb`` file, in order, as W&B's reader decodes them."""
+    (log,) = Path(wandb_run).glob("run-*.wandb")
+    env = {**os.environ, "WANDB_MODE": "offline"}  # no telemetry upload from the reader either
+    env.pop("WANDB_API_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B log"
-    pos, records, pending = HEADER, [], b""
-    while pos + HEADER <= len(data):
-        left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < HEADER:  # the block's tail is padding
-            pos += left_in_block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        if kind == 0 and length == 0:
-            break
-        payload = data[pos + HEADER : pos + HEADER + length]
-        pos += HEADER + length
-        if kind == 1:
-            pending = payload
-        elif kind == 2:
-            pending = payload
-            continue
-        elif kind == 3:
-            pending += payload
-            continue
-        elif kind == 4:
-            pending += payload
-        rec = pb.Record()
-        rec.ParseFromString(pending)
-        records.append(rec)
-    return records
+
+def history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``wandb.log`` rows (with ``_step``) among ``records``."""
+    return [r["history"]["item"] for r in records if r["type"] == "history"]
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Every ``wandb.log`` row of the offline run(s) under ``run_dir/wandb``, in order."""
-    rows = []
-    for log in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
-        for rec in read_records(log):
-            if rec.WhichOneof("record_type") == "history":
-                row = {}
-                for item in rec.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    row[key] = json.loads(item.value_json)
-                rows.append(row)
-    return rows
+    """The history of the newest W&B run of a tokengym run directory (a resumed run's holds the whole history)."""
+    return history(read_records(wandb_runs(run_dir)[-1]))
+
+
+def run_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``run`` record: id, display name, group, tags, notes."""
+    return next(r["run"] for r in records if r["type"] == "run")
+
+
+def config(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's config as W&B stored it (each key's value decoded)."""
+    out: dict[str, Any] = {}
+    for r in records:
+        for source in (r.get("run", {}).get("config", {}), r.get("config", {})):
+            out.update(source.get("update", {}))
+    return out
+
+
+def read_table(wandb_run: Path, row: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The W&B table logged as ``key`` in history ``row``, as dicts of its columns."""
+    table = json.loads((Path(wandb_run) / "files" / row[f"{key}.path"]).read_text())
+    return [dict(zip(table["columns"], values)) for values in table["data"]]

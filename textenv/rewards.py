@@ -7,9 +7,10 @@ path (``package.module:function``).
 
 A terminal reward that is cheaper to compute many episodes at a time (a reward model) is an object with
 ``score_batch(ctxs: list[RewardContext]) -> list[float]``, one finite number per context, called only with finished
-episodes. The environment wraps it in :class:`DeferredReward`: stepping on its own, it scores each episode as it ends
-(``score_batch([ctx])``); a caller replaying many responses (``replay(..., defer=True)``) leaves the terminal contexts
-pending and scores them all in one call with :func:`textenv.score_pending`. The rewards are the same either way.
+episodes (its ``name`` attribute, if it has one, is how errors name it). The environment wraps it in
+:class:`DeferredReward`: stepping on its own, it scores each episode as it ends (``score_batch([ctx])``); a caller
+replaying many responses (``replay(..., defer=True)``) leaves the terminal contexts pending and scores them all in
+one call with :func:`textenv.score_pending`. The rewards are the same either way.
 """
 
 from __future__ import annotations
@@ -131,8 +132,20 @@ class DeferredReward:
 
 
 def _where(fn: object, ctx: RewardContext) -> str:
+    """How an error names a reward: the task's verifier, a user's function by import path (``mod:fn``), or a batched
+    reward by its ``name`` attribute (e.g. ``reward model 'models/rm'``), else its class's import path."""
+    task = f"task {ctx.task.name!r}"
+    if isinstance(fn, TaskReward):
+        return f"the verifier ({_import_path(type(ctx.task))}) of {task}"
     named = fn.fn if isinstance(fn, TerminalReward) else fn  # name the user's function, not the wrapper
-    return f"reward function {getattr(named, '__qualname__', type(named).__name__)} of task {ctx.task.name!r}"
+    if hasattr(named, "__qualname__"):
+        return f"reward function {_import_path(named)} of {task}"
+    label = getattr(named, "name", None)
+    return f"{label if isinstance(label, str) else 'batched reward ' + _import_path(type(named))} of {task}"
+
+
+def _import_path(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
 def _error(message: str, cause: BaseException | None = None) -> RewardError:

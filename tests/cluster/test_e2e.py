@@ -1,9 +1,11 @@
-"""Whole (shortened) runs through the CLI: Ray, vLLM rollout actors, an RLlib learner, W&B offline, checkpoints."""
+"""Whole (shortened) runs through the CLI: Ray, vLLM rollout actors, an RLlib learner, W&B offline, checkpoints, the
+console (only tokengym's own lines) and a failing user function (one line, the traceback in error.log)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from cluster.checkpoint import latest_checkpoint, read_state
-from cluster.tracking import read_metrics
-from tests.wandb_log import read_history
+from cluster.console import CONSOLE_LOG, ERROR_LOG
+from cluster.tracking import SAMPLES_FILE, read_metrics
+from tests.wandb_log import config, history, read_records, read_table, wandb_runs
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +26,7 @@ REQUIRED = [
     "timing/iteration_s", "timing/rollout_s", "timing/update_s", "timing/weight_sync_s",
     "throughput/rollout_tokens_per_s", "weights/version", "rollout/logprob_gap",
 ]
+NOISE = ("Traceback", "DeprecationWarning", "Token authentication", "WARNING")  # Ray's, RLlib's, vLLM's: console.log
 
 
 def tokengym(*args: str, runs: Path, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
@@ -39,10 +43,20 @@ def only_run(runs: Path) -> Path:
 
 
 def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None:
-    result = tokengym("train", "iterations=30", "checkpoint_every=10", "name=e2e", runs=tmp_path)
+    result = tokengym("train", "iterations=30", "checkpoint_every=10", "name=e2e", "tracking.log_artifacts=true",
+                      runs=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(tmp_path)
     rows = read_metrics(run)
+    # The console holds tokengym's own lines only (no progress bar here); the rest went to console.log.
+    assert not [word for word in NOISE if word in result.stderr], result.stderr[-3000:]
+    assert (run / CONSOLE_LOG).is_file()
+    summary = result.stdout.strip().splitlines()
+    assert summary[0] == f"run finished: {run}", result.stdout
+    for expected in ("reward ", "(mean reward/mean of iterations 26-30)", "time per phase  rollout ", " update ",
+                     str(run / "metrics.jsonl"), str(run / "checkpoints" / "iter_000030"),
+                     str(run / "plots" / "summary.png"), f"wandb sync {wandb_runs(run)[0]}"):
+        assert expected in result.stdout, expected
 
     assert [r["iteration"] for r in rows] == list(range(1, 31))
     for key in REQUIRED:
@@ -59,8 +73,21 @@ def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt is not None and read_state(ckpt)["iteration"] == 30
     assert not list((run / "checkpoints").glob(".tmp-*"))
-    history = read_history(run)
+    records = read_records(wandb_runs(run)[0])  # read back with W&B's own reader
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["iteration"] for h in history] == list(range(1, 31))
+    # tracking.log_artifacts: the final checkpoint and its export as a HF model directory.
+    artifacts = {r["artifact"]["type"]: r["artifact"] for r in records if r["type"] == "artifact"}
+    assert artifacts["checkpoint"]["name"] == f"{run.name}-checkpoint"
+    files = {entry["path"] for entry in artifacts["model"]["manifest"]["contents"]}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    # Every 10th iteration (tracking.log_samples_every), 4 rollouts per actor: samples.jsonl and a W&B table.
+    samples = [json.loads(line) for line in (run / SAMPLES_FILE).read_text().splitlines()]
+    assert [(s["iteration"], s["kind"]) for s in samples] == [(i, "train") for i in (10, 20, 30) for _ in range(8)]
+    assert all(re.fullmatch("[a-h]{5}=", s["prompt"]) and 0 <= s["reward"] <= 1 for s in samples)
+    (at20,) = [h for h in history if h["_step"] == 20]
+    assert read_table(wandb_runs(run)[0], at20, "samples/train") == [
+        {k: s[k] for k in ("prompt", "response", "reward", "iteration")} for s in samples if s["iteration"] == 20]
     # `tokengym export` writes the final policy as a HF directory (its contents are tested in test_export.py).
     exported = subprocess.run([sys.executable, "-m", "cluster.cli", "export", str(run), "--out", str(tmp_path / "hf")],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -105,6 +132,32 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 20
     assert json.loads((run / "checkpoints" / "iter_000020" / "state.json").read_text())["wandb_id"] == (
         run / "wandb_id").read_text().strip()
+    # The resumed run logs to a new W&B run that replayed the history up to the checkpoint: its history is
+    # metrics.jsonl exactly, iterations redone after the checkpoint included.
+    first, resumed = wandb_runs(run)
+    records = read_records(resumed)
+    assert config(records)["resumed_from"]["iteration"] == killed_at
+    logged = history(records)
+    assert [h["_step"] for h in logged] == list(range(1, 21))
+    for h, row in zip(logged, rows):
+        assert {k: h[k] for k in REQUIRED} == pytest.approx({k: row[k] for k in REQUIRED}, rel=1e-9)
+
+
+def test_failing_reward_function_is_one_line_and_its_traceback_goes_to_error_log(tmp_path: Path) -> None:
+    result = tokengym("train", "iterations=1", "name=fails", "env.reward_fn=tests.textenv.reward_fns:raising",
+                      "rollout.num_actors=1", "rollout.prompts_per_iteration=8", "algorithm.minibatch_size=8",
+                      runs=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    found = re.fullmatch(r"tokengym: error: rollout actor 0: reward function tests\.textenv\.reward_fns:raising of task "
+                         r"'reverse' raised KeyError: 'verifier exploded' on prompt '[a-h]{5}=' \(traceback: (.+)\)",
+                         last)
+    assert found, last
+    assert Path(found.group(1)) == run / ERROR_LOG
+    assert not [word for word in NOISE if word in result.stderr], result.stderr[-3000:]
+    log = (run / ERROR_LOG).read_text()
+    assert "Traceback" in log and 'raise KeyError("verifier exploded")' in log  # the user's frame, in the actor
 
 
 def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> None:

@@ -154,3 +154,15 @@ def test_a_failed_batch_call_fails_every_episode(how: str) -> None:
     expected = "raised ConnectionError: scorer unreachable" if how == "raise" else "returned 4 scores for 5 episodes"
     with pytest.raises(RewardError, match=expected):
         score_pending(strict, replay_all(strict, defer=True))
+
+
+def test_a_batched_reward_is_named_by_its_name_attribute_else_its_class() -> None:
+    named = FakeBrokenScorer("raise")
+    named.name = "reward model 'models/rm'"  # what cluster.reward_model.RewardModelReward calls itself
+    for scorer, where in ((named, "reward model 'models/rm'"),
+                          (FakeBrokenScorer("raise"), f"batched reward {__name__}:FakeBrokenScorer")):
+        env = TokenEnv("reverse", batch_reward=scorer)
+        with pytest.raises(RewardError) as err:
+            score_pending(env, replay_all(env, defer=True))
+        assert str(err.value) == (f"{where} of task 'reverse' raised ConnectionError: scorer unreachable on prompt "
+                                  "'abcde='")

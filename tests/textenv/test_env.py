@@ -290,8 +290,23 @@ def test_raising_reward_fn_names_task_function_and_prompt():
     with pytest.raises(RewardError) as err:
         env.step(ids(env, "a")[0])
     msg = str(err.value)
-    assert "'reverse'" in msg and "raising" in msg and "'abcde='" in msg and "verifier exploded" in msg
+    assert msg == ("reward function reward_fns:raising of task 'reverse' raised KeyError: 'verifier exploded' on "
+                   "prompt 'abcde='")  # the function by its import path, as a config names it
     assert isinstance(err.value.__cause__, KeyError)
+
+
+def test_a_raising_verifier_is_named_by_its_task_class(monkeypatch):
+    env = TokenEnv("reverse")
+
+    def broken(sample, response):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(env.task, "partial_score", broken)
+    env.reset(options={"prompt": "abcde=", "answer": "edcba"})
+    with pytest.raises(RewardError) as err:
+        env.step(ids(env, "e")[0])
+    assert str(err.value) == ("the verifier (textenv.tasks:ReverseTask) of task 'reverse' raised ZeroDivisionError: "
+                              "division by zero on prompt 'abcde='")
 
 
 @pytest.mark.parametrize(

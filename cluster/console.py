@@ -1,0 +1,119 @@
+"""What a run shows on the console: tokengym's own lines only.
+
+Ray, RLlib and vLLM log to the process's stderr from Python, from C++ and from the processes Ray starts (token-auth
+and deprecation warnings, actor-died tracebacks); all of it goes to ``RUN_DIR/console.log`` instead, unless
+``tracking.verbose``. A run that fails ends with one line naming the component, the function and the prompt, and
+writes the whole traceback to ``RUN_DIR/error.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+CONSOLE_LOG = "console.log"
+ERROR_LOG = "error.log"
+WHERE = "tokengym_where"  # the attribute naming the component an exception came from ("rollout actor 1")
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by an exception; the message is one line for the console and names ``error.log``."""
+
+
+class ActorDied(RuntimeError):
+    """A Ray actor (or its process) died; the message names it and the last error line it left."""
+
+
+def tag(err: BaseException, where: str) -> BaseException:
+    """Mark ``err`` as raised in ``where`` (e.g. "rollout actor 1"), unless a deeper component already claimed it."""
+    if getattr(err, WHERE, None) is None:
+        try:
+            setattr(err, WHERE, where)
+        except AttributeError:  # an exception type with __slots__: it stays unnamed
+            pass
+    return err
+
+
+@contextmanager
+def quiet_console(run_dir: Path, verbose: bool) -> Iterator[IO[str]]:
+    """Send everything written to stderr (file descriptor 2) to ``run_dir/console.log`` while the block runs; yield
+    the real stderr for tokengym's own lines (the progress bar). With ``verbose``, nothing is redirected.
+
+    The redirect is at the file-descriptor level because much of the noise never passes through Python: Ray's C++
+    core and the processes ``ray.init`` starts write to the inherited descriptor directly.
+    """
+    if verbose:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    console = os.fdopen(os.dup(saved), "w", buffering=1)
+    with open(run_dir / CONSOLE_LOG, "a") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield console
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            console.close()
+
+
+@contextmanager
+def failures_logged(run_dir: Path, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn an exception of the run into :class:`RunFailed`: one line (:func:`one_line`) for the console, and the
+    full traceback, the actors' own included, in ``run_dir/error.log``. ``passthrough`` types are re-raised as they
+    are (e.g. ``ConfigError``, already one line)."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except Exception as err:  # noqa: BLE001 - reported in full in error.log, in one line on the console
+        path = run_dir / ERROR_LOG
+        text = _ANSI.sub("", "".join(traceback.format_exception(err)))  # Ray colours the actor's name
+        path.write_text(text)
+        raise RunFailed(f"{one_line(err, text)} (traceback: {path})") from None
+
+
+def one_line(err: BaseException, text: str = "") -> str:
+    """``<component>: <what happened>`` for any exception of a run.
+
+    A reward error already names the reward function (by import path), the task and the prompt, and
+    :class:`ActorDied` the actor; any other exception is given with its type, the first line of its message, and the innermost frame of its traceback ``text``
+    (the function that raised, in the actor when it came from one).
+    """
+    from textenv import RewardError
+
+    cause = getattr(err, "cause", None)  # Ray's wrapper of an actor's exception holds the original here
+    own = cause if isinstance(cause, BaseException) else err
+    message = _first_line(own)
+    if isinstance(own, ActorDied):  # names the actor itself
+        return message
+    if not isinstance(own, RewardError):
+        frame = _innermost_frame(text)
+        message = f"{type(own).__name__}: {message}" + (f" (in {frame})" if frame else "")
+    where = getattr(err, WHERE, None)
+    return f"{where}: {message}" if where else message
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _innermost_frame(text: str) -> str | None:
+    """``function (file.py:line)`` of the last frame in a formatted traceback, or None."""
+    frames = _FRAME.findall(text)
+    if not frames:
+        return None
+    file, line, function = frames[-1]
+    return f"{function} ({Path(file).name}:{line})"

@@ -120,6 +120,19 @@ def evaluate_model(cfg: ExperimentConfig, model_dir: Path) -> tuple[dict[str, fl
 
 
 @contextlib.contextmanager
+def quiet(cfg: ExperimentConfig, target: Path) -> Iterator[None]:
+    """What Ray and vLLM print goes to ``console.log`` (unless ``tracking.verbose``), and a failure is one line with
+    its traceback in ``error.log``: in the run directory, or for a model directory (maybe a read-only cache) in
+    ``$TMPDIR/tokengym``."""
+    from cluster.console import failures_logged, quiet_console
+
+    log_dir = target if (target / "config.yaml").is_file() else Path(tempfile.gettempdir()) / "tokengym"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_console(log_dir, cfg.tracking.verbose), failures_logged(log_dir, passthrough=(ConfigError,)):
+        yield
+
+
+@contextlib.contextmanager
 def target_model(
     target: Path | str, overrides: list[str], config: str | None = None, env_id: str | None = None,
 ) -> Iterator[tuple[ExperimentConfig, Path, Path]]:
@@ -156,7 +169,7 @@ def evaluate_path(
     ``config``, default configs/default.yaml, and ``env_id``); writes the metrics to ``out`` (default
     ``target/eval.json``) and returns that path."""
     extra = list(overrides) + ([f"eval.num_prompts={n}"] if n is not None else [])
-    with target_model(target, extra, config, env_id) as (cfg, model_dir, target):
+    with target_model(target, extra, config, env_id) as (cfg, model_dir, target), quiet(cfg, target):
         metrics, examples = evaluate_model(cfg, model_dir)
     out = Path(out) if out is not None else target / EVAL_FILE
     report = {**metrics, "target": str(target), "env": asdict(cfg.env), "eval": asdict(cfg.eval), "seed": cfg.seed,
@@ -174,7 +187,7 @@ def sample_path(
 ) -> list[dict[str, Any]]:
     """``tokengym sample``: the policy's responses to ``n`` held-out problems (or to the given ``prompts``, which have
     no reference answer), sampled at the config's ``rollout.temperature`` (seeded by the run's seed) or greedily."""
-    with target_model(target, list(overrides), config, env_id) as (cfg, model_dir, _):
+    with target_model(target, list(overrides), config, env_id) as (cfg, model_dir, target), quiet(cfg, target):
         problems = ([TaskSample(p, "") for p in prompts] if prompts
                     else heldout_problems(cfg.env, cfg.seed, n))
         temperature = 0.0 if greedy else cfg.rollout.temperature

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from cluster.config import ConfigError, ExperimentConfig, load_config
+from cluster.supervision import ClusterError
+
+RESUME_AUTO = "auto"  # --resume auto
 
 USAGE_EXAMPLES = """examples:
   tokengym train                                   # configs/default.yaml
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tokengym: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
+    except ClusterError as err:  # an actor timed out or was lost for good: the checkpoints before it are intact
+        print(f"tokengym: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:

@@ -66,13 +66,18 @@ class ClusterConfig:
     num_gpus_per_learner: float = 0.0  # Ray GPUs per learner (NCCL between them when > 0)
 
     def __post_init__(self) -> None:
-        check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0"})
+        check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0",
+                                       "actor_timeout_s": ">0", "max_actor_restarts": ">=0"})
 
 
 @dataclass(frozen=True)
 class RewardModelConfig:
     """An optional reward model: a local Hugging Face sequence-classification directory, run as its own Ray actor.
 
+    actor_timeout_s: float = 1800.0  # the longest wait for one call to a rollout or reward-model actor (start-up,
+    #   sampling, a weight sync, a score); past it the run stops with an error naming the actor
+    max_actor_restarts: int = 3  # times Ray restarts a lost rollout or reward-model actor; it then gets the current
+    #   weights back and the lost work is redone (faults/actor_restarts)
     At the end of each episode the last token's reward gains ``weight`` x the model's score of ``template`` (filled
     with ``{prompt}``, ``{response}`` and optionally ``{answer}``): the probability of class ``label`` (an index or
     a name from the model's ``id2label``), or the raw output of a regression head (one output; ``label`` unused).

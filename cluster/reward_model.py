@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import RewardModelConfig
-from cluster.rollout import unwrap_ray_errors
+from cluster.supervision import DEFAULT_TIMEOUT_S, ActorLostError, ActorTimeoutError, Supervisor, first_line
 from textenv import RewardContext
+
+SCORER = "the reward-model actor"  # how errors name it
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -115,11 +117,16 @@ class RewardModelReward:
     """The batched reward (``score_batch``) that calls a :class:`RewardModelScorer` actor once per batch.
 
     The text scored is ``template`` filled with the sample's ``prompt`` (and ``answer``) and the ``response``; the
-    reward is ``weight`` x the model's score.
+    reward is ``weight`` x the model's score. It runs inside the rollout actors: a call that outlasts
+    ``timeout_s`` raises :class:`ActorTimeoutError`, and a scorer lost mid-call :class:`ActorLostError`, which
+    tells the rollout group to wait for the scorer's restart and redo the rollout.
     """
 
-    def __init__(self, scorer: Any, template: str = "{prompt}{response}", weight: float = 1.0) -> None:
-        self.scorer, self.template, self.weight = scorer, template, weight
+    def __init__(
+        self, scorer: Any, template: str = "{prompt}{response}", weight: float = 1.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.scorer, self.template, self.weight, self.timeout_s = scorer, template, weight, timeout_s
 
     def text(self, ctx: RewardContext) -> str:
         return self.template.format(prompt=ctx.sample.prompt, answer=ctx.sample.answer, response=ctx.response_text)
@@ -127,28 +134,41 @@ class RewardModelReward:
     def score_batch(self, ctxs: list[RewardContext]) -> list[float]:
         import ray
 
-        scores = unwrap_ray_errors(lambda: ray.get(self.scorer.score.remote([self.text(c) for c in ctxs])))
+        ref = self.scorer.score.remote([self.text(c) for c in ctxs])
+        try:
+            scores = ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorTimeoutError(
+                f"{SCORER} did not finish score within {self.timeout_s:g} s (cluster.actor_timeout_s)"
+            ) from None
+        except ray.exceptions.RayTaskError as err:
+            raise err.as_instanceof_cause() from None
+        except ray.exceptions.RayActorError as err:
+            raise ActorLostError(f"{SCORER} was lost during score: {first_line(err)}") from None
         return [self.weight * s for s in scores]
+
+    def wait_restarted(self, supervisor: Supervisor) -> None:
+        """Wait for Ray to restart the scorer after it was lost (it holds no state the run changes)."""
+        supervisor.wait_restarted(self.scorer, SCORER)
 
 
 class RewardModelServer:
     """The reward-model scorer started as its own Ray actor, and the reward that the rollout actors call."""
 
-    def __init__(self, cfg: RewardModelConfig) -> None:
+    def __init__(self, cfg: RewardModelConfig, supervisor: Supervisor | None = None) -> None:
         import ray
 
         if cfg.path is None:
             raise ValueError("reward_model.path is not set; there is no reward model to start")
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
-        actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(RewardModelScorer)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, **self.supervisor.actor_options())(RewardModelScorer)
         self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device)
-        self.info = unwrap_ray_errors(lambda: ray.get(self.actor.ready.remote()))
-        self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight)
+        self.info = self.supervisor.get(self.actor.ready.remote(), SCORER, "start-up")
+        self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, self.supervisor.timeout_s)
 
     def stats(self) -> dict[str, Any]:
-        import ray
-
-        return unwrap_ray_errors(lambda: ray.get(self.actor.stats.remote()))
+        return self.supervisor.get(self.actor.stats.remote(), SCORER, "stats")
 
     def shutdown(self) -> None:
         import ray

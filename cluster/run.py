@@ -8,6 +8,7 @@ run has finished, ``plots/summary.png``.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,13 +35,30 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
+def resume_config(run_dir: Path, overrides: list[str], require_checkpoint: bool = True) -> ExperimentConfig:
     """The config a stopped run was started with, plus any overrides (e.g. ``iterations=300`` to go further)."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; give a directory under runs/ made by tokengym train")
-    if latest_checkpoint(run_dir / CHECKPOINTS) is None:
+    if require_checkpoint and latest_checkpoint(run_dir / CHECKPOINTS) is None:
         raise ConfigError(f"--resume {str(run_dir)!r}: the run has no complete checkpoint yet; start it again instead")
     return load_config(run_dir / "config.yaml", overrides)
+
+
+def find_resumable_run(runs_dir: str | Path, name: str) -> Path | None:
+    """The newest run called ``name`` under ``runs_dir`` (``<name>-<YYYYmmdd-HHMMSS>[-n]`` holding a
+    config.yaml), or None: what ``--resume auto`` continues.
+
+    Newest by the start time in the directory name, not by modification time: a resumed older run writes to its
+    directory too.
+    """
+    root = Path(runs_dir)
+    pattern = re.compile(rf"{re.escape(name)}-(\d{{8}}-\d{{6}})(?:-(\d+))?")
+    found = []
+    for path in root.iterdir() if root.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match and (path / "config.yaml").is_file():
+            found.append((match.group(1), int(match.group(2) or 1), path))
+    return max(found)[2] if found else None
 
 
 def prepare_policy(cfg: ExperimentConfig, run_dir: Path) -> Path:

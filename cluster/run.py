@@ -130,6 +130,20 @@ def check_reward_model(path: str, label: int | str) -> None:
         raise ConfigError(str(err)) from None
 
 
+def required_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """The Ray resources a run's actors ask for (the driver, and a learner in its process, ask for none): rollout
+    actors, learner actors (RLlib gives a learner 1 CPU without a GPU, none with one) and the reward model.
+    A cluster smaller than this leaves actors pending (until ``cluster.actor_timeout_s``)."""
+    r, c, rm = cfg.rollout, cfg.cluster, cfg.reward_model
+    has_rm = rm.path is not None
+    learner_cpus = 1 if c.num_gpus_per_learner == 0 else 0
+    return {
+        "CPU": float(r.num_actors * r.num_cpus_per_actor + c.num_learners * learner_cpus + int(has_rm)),
+        "GPU": float(r.num_actors * r.num_gpus_per_actor + c.num_learners * c.num_gpus_per_learner
+                     + (rm.num_gpus if has_rm else 0.0)),
+    }
+
+
 def init_ray(cfg: ExperimentConfig) -> None:
     import ray
 

@@ -116,6 +116,11 @@ class Supervisor:
                 ) from None
             except ray.exceptions.RayTaskError as err:  # ready() itself raised
                 raise ActorLostError(f"{name} failed after its restart: {first_line(err.cause)}") from None
+            except ray.exceptions.ActorUnavailableError:  # restarting: calls fail at once until it is back
+                if time.monotonic() > deadline:
+                    raise ActorTimeoutError(f"{name} was lost and did not come back within {self.timeout_s:g} s "
+                                            "(cluster.actor_timeout_s)") from None
+                time.sleep(0.5)
             except ray.exceptions.RayActorError as err:
                 # A call sent while Ray is still noticing the death can fail too; an actor out of restarts fails
                 # every time.
@@ -210,7 +215,11 @@ class ActorPool:
     def _restarted_while_idle(self, index: int) -> bool:
         """Whether actor ``index`` runs in a new process since it last answered: Ray restarted it between calls.
         Counted as a restart."""
-        info = self.supervisor.get(self.actors[index].ready.remote(), self.name(index), "ready")
+        try:
+            info = self.supervisor.get(self.actors[index].ready.remote(), self.name(index), "ready")
+        except ActorLostError:  # lost again, or still restarting
+            self.info[index] = self.supervisor.wait_restarted(self.actors[index], self.name(index))
+            return True
         if info.get("pid") == self.info[index].get("pid"):
             return False
         self.info[index] = info

@@ -110,6 +110,7 @@ def test_failed_iteration_keeps_the_last_checkpoint_and_resume_auto_continues(
     assert err.strip().splitlines()[-1] == ("tokengym: error: rollout actor 1 (pid 42 on 10.0.0.2) did not finish "
                                             "sample within 5 s (cluster.actor_timeout_s)")
     (run,) = [p for p in runs.iterdir()]
+    assert "ActorTimeoutError: rollout actor 1" in (run / "error.log").read_text()  # its traceback, as any failure's
     assert [r["iteration"] for r in read_metrics(run)] == [1, 2]  # the failed iteration logged nothing
     assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 2  # ... and saved nothing
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002", "latest"]

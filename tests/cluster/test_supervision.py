@@ -15,6 +15,7 @@ import pytest
 
 from cluster.reward_model import RewardModelReward
 from cluster.rollout import StaleWeightsError
+from cluster.console import WHERE, ActorDied
 from cluster.supervision import ActorLostError, ActorPool, ActorTimeoutError, Supervisor
 
 pytestmark = pytest.mark.ray
@@ -52,6 +53,16 @@ class Worker:
             x += int(self.reward.score_batch([ctx])[0])
         time.sleep(hang_s)
         return x * 2, os.getpid()
+
+
+class Broken:
+    """A stand-in actor whose ``__init__`` raises (a user error at start-up): Ray does not restart it."""
+
+    def __init__(self) -> None:
+        raise ValueError("bad budget")
+
+    def ready(self) -> dict[str, Any]:
+        return {}
 
 
 class Scorer:
@@ -112,8 +123,9 @@ def test_an_actor_restarted_between_calls_gets_its_state_back(ray_session: Any) 
     assert [x for x, _ in out] == [0, 2]
     assert restored == [0] and supervisor.take_restarts() == 1
     # A refusal that is not a restart (same process) is the caller's error, raised as it is.
-    with pytest.raises(StaleWeightsError, match="holds version 3, asked for 7"):
+    with pytest.raises(StaleWeightsError, match="holds version 3, asked for 7") as refused:
         pool.call("work", lambda i, a: a.work.remote(i, 7), state_lost=lost_state)
+    assert getattr(refused.value, WHERE) == "worker 0"  # named for the run's error line (cluster/console.py)
     assert supervisor.take_restarts() == 0
     for a in pool.actors:
         ray_session.kill(a)
@@ -148,3 +160,12 @@ def test_a_lost_reward_model_is_waited_for_and_the_call_redone(ray_session: Any,
     assert restored == [] and supervisor.take_restarts() == 1  # the scorer's restart; the workers kept their state
     for a in [*pool.actors, scorer]:
         ray_session.kill(a)
+
+
+def test_an_actor_whose_init_raised_is_not_waited_for_but_named(ray_session: Any) -> None:
+    supervisor = Supervisor(timeout_s=60, max_restarts=2)
+    cls = ray_session.remote(num_cpus=0, **supervisor.actor_options())(Broken)
+    pool = ActorPool([cls.remote()], supervisor, "worker")
+    with pytest.raises(ActorDied, match=r"^worker 0 died: ValueError: bad budget$"):
+        pool.start()
+    assert supervisor.take_restarts() == 0

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from cluster.config import ConfigError, ExperimentConfig, load_config
 from cluster.console import RunFailed
+from cluster.supervision import ClusterError
+
+RESUME_AUTO = "auto"  # --resume auto
 
 USAGE_EXAMPLES = """examples:
   tokengym train                                   # configs/default.yaml
@@ -16,6 +19,7 @@ USAGE_EXAMPLES = """examples:
   tokengym train --dry-run configs/grpo.yaml seed=3  # check and print the resolved config; no training
   tokengym train --resume runs/reverse-ppo-20261129-101500
   tokengym train --verbose                         # Ray's, RLlib's and vLLM's logs on the console, not console.log
+  tokengym train configs/gpu.yaml --resume auto    # continue the newest run of this name, or start one
   tokengym config configs/grpo.yaml                # the resolved config, every field with its help text
   tokengym envs                                    # the registered environments and their task_kwargs
   tokengym plot runs/reverse-ppo-20261129-101500   # -> RUN_DIR/plots/summary.png
@@ -34,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="run an experiment (default: configs/default.yaml)")
     tr.add_argument("overrides", nargs="*", metavar="[CONFIG] [section.key=value ...]")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    tr.add_argument("--resume", metavar="RUN_DIR|auto",
+                    help="continue a stopped run from its last checkpoint; auto: the newest run of the config's name "
+                         "under runs_dir, or a new run if there is none (what a retried cluster job wants)")
     tr.add_argument("--dry-run", action="store_true",
                     help="check the config as train does before Ray starts, print it resolved, and stop")
     tr.add_argument("--verbose", action="store_true", help="show what Ray, RLlib and vLLM print (tracking.verbose); "
@@ -92,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:  # one line naming what failed; the traceback is in the run's error.log
         print(f"tokengym: error: {err}", file=sys.stderr)
         return 1
+    except ClusterError as err:  # an actor timed out or was lost for good: the checkpoints before it are intact
+        # (in a run, its traceback is in the run's error.log too)
+        print(f"tokengym: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tokengym: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
@@ -105,10 +115,19 @@ def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> int:
-    from cluster.run import check_before_ray, resume_config, run_summary, train
+    from cluster.run import check_before_ray, find_resumable_run, resume_config, run_summary, train
 
     config_path, overrides = _split_config(positional)
-    if resume is not None:
+    if resume == RESUME_AUTO:
+        # The same command again (a retried Kubernetes job) continues the newest run of this name; a run stopped
+        # before its first checkpoint starts over in its own directory.
+        cfg = load_config(config_path, overrides)
+        found = find_resumable_run(cfg.runs_dir, cfg.name)
+        if found is not None:
+            cfg = resume_config(found, overrides, require_checkpoint=False)
+            print(f"tokengym: --resume auto: continuing {found}", file=sys.stderr)
+        resume = str(found) if found is not None else None
+    elif resume is not None:
         if config_path is not None:
             raise ConfigError("--resume takes the run's own config.yaml; give only section.key=value overrides")
         cfg = resume_config(Path(resume), overrides)

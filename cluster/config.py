@@ -22,7 +22,16 @@ from policies.advantages import NEEDS_CRITIC
 from policies.config import AlgorithmConfig, PolicyConfig, check_ranges
 from textenv.config import EnvConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+def shipped_configs_dir() -> Path:
+    """The experiment configs that come with tokengym: ``cluster/configs/`` in an installed package (pyproject
+    ships the repository's ``configs/`` there as package data), else the checkout's own ``configs/``."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIGS_DIR = shipped_configs_dir()
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
 
 
 class ConfigError(ValueError):
@@ -64,9 +73,14 @@ class ClusterConfig:
     num_cpus: int | None = None  # for a local Ray; default: enough for every actor and learner
     num_learners: int = 0  # 0: one learner in the driver process; N: N data-parallel learner actors
     num_gpus_per_learner: float = 0.0  # Ray GPUs per learner (NCCL between them when > 0)
+    actor_timeout_s: float = 1800.0  # the longest wait for one call to a rollout or reward-model actor (start-up,
+    #   sampling, a weight sync, a score); past it the run stops with an error naming the actor
+    max_actor_restarts: int = 3  # times Ray restarts a lost rollout or reward-model actor; it then gets the current
+    #   weights back and the lost work is redone (faults/actor_restarts)
 
     def __post_init__(self) -> None:
-        check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0"})
+        check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0",
+                                       "actor_timeout_s": ">0", "max_actor_restarts": ">=0"})
 
 
 @dataclass(frozen=True)
@@ -199,13 +213,26 @@ class ExperimentConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read ``path`` (default: configs/default.yaml) with its defaults, apply ``key.sub=value`` overrides, validate,
     build."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = resolve_config_path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file such as configs/default.yaml")
     raw = read_composed(path)
     for item in overrides:
         _apply_override(raw, item)
     return build_config(raw, source=str(path))
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """``path`` as given when it exists; else ``configs/NAME.yaml`` (or ``NAME.yaml``) is the shipped config of that
+    name, so the commands in the docs work from any directory with an installed tokengym (a container image)."""
+    if path is None:
+        return DEFAULT_CONFIG
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and path.parent in (Path("."), Path("configs")):
+        shipped = CONFIGS_DIR / path.name
+        if shipped.is_file():
+            return shipped
+    return path
 
 
 DEFAULTS_KEY = "defaults"

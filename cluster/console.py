@@ -65,19 +65,31 @@ def quiet_console(run_dir: Path, verbose: bool) -> Iterator[IO[str]]:
 
 
 @contextmanager
-def failures_logged(run_dir: Path, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def failures_logged(
+    run_dir: Path, passthrough: tuple[type[BaseException], ...] = (), logged: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
     """Turn an exception of the run into :class:`RunFailed`: one line (:func:`one_line`) for the console, and the
     full traceback, the actors' own included, in ``run_dir/error.log``. ``passthrough`` types are re-raised as they
-    are (e.g. ``ConfigError``, already one line)."""
+    are (e.g. ``ConfigError``, already one line); ``logged`` types too, after their traceback went to error.log
+    (e.g. ``cluster.supervision.ClusterError``: one line naming the actor that timed out or was lost)."""
     try:
         yield
     except passthrough:
         raise
+    except logged as err:
+        _write_error_log(run_dir, err)
+        raise
     except Exception as err:  # noqa: BLE001 - reported in full in error.log, in one line on the console
-        path = run_dir / ERROR_LOG
-        text = _ANSI.sub("", "".join(traceback.format_exception(err)))  # Ray colours the actor's name
-        path.write_text(text)
+        path, text = _write_error_log(run_dir, err)
         raise RunFailed(f"{one_line(err, text)} (traceback: {path})") from None
+
+
+def _write_error_log(run_dir: Path, err: BaseException) -> tuple[Path, str]:
+    """``err``'s traceback (Ray's colours removed) in ``run_dir/error.log``; the path and the text."""
+    path = run_dir / ERROR_LOG
+    text = _ANSI.sub("", "".join(traceback.format_exception(err)))  # Ray colours the actor's name
+    path.write_text(text)
+    return path, text
 
 
 def one_line(err: BaseException, text: str = "") -> str:

@@ -82,7 +82,7 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     from cluster.reward_model import RewardModelServer
     from cluster.rollout import RolloutGroup
     from cluster.run import check_before_ray, init_ray
-    from cluster.trainer import engine_options
+    from cluster.trainer import engine_options, supervisor_for
     from policies.models import load_tokenizer
     from textenv import HFTokenizerAdapter
 
@@ -90,14 +90,15 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     env = make_env(cfg.env, tokenizer=HFTokenizerAdapter(load_tokenizer(model_dir))).unwrapped
     started_ray = not ray.is_initialized()
     init_ray(cfg)
-    reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
+    supervisor = supervisor_for(cfg)
+    reward_model = RewardModelServer(cfg.reward_model, supervisor) if cfg.reward_model.path is not None else None
     group = None
     try:
         group = RolloutGroup(
             cfg.rollout.num_actors, cfg.env,
             engine_options(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens),
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
-            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor,
         )
         yield group
     finally:

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import RewardModelConfig
-from cluster.rollout import unwrap_ray_errors
+from cluster.supervision import DEFAULT_TIMEOUT_S, ActorLostError, ActorTimeoutError, Supervisor, first_line
 from textenv import RewardContext
+
+
+def scorer_name(path: str | Path) -> str:
+    """How errors name the reward model (its scorer actor, and the reward in reward errors): ``reward model 'PATH'``."""
+    return f"reward model {str(path)!r}"
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -118,13 +123,18 @@ class RewardModelReward:
     """The batched reward (``score_batch``) that calls a :class:`RewardModelScorer` actor once per batch.
 
     The text scored is ``template`` filled with the sample's ``prompt`` (and ``answer``) and the ``response``; the
-    reward is ``weight`` x the model's score. ``name`` is how reward errors name it (``reward model 'PATH'``).
+    reward is ``weight`` x the model's score. ``name`` is how errors name it (``reward model 'PATH'``). It runs
+    inside the rollout actors: a call that outlasts ``timeout_s`` raises :class:`ActorTimeoutError`, and a scorer
+    lost mid-call :class:`ActorLostError`, which tells the rollout group to wait for the scorer's restart and redo
+    the rollout; an exception the scorer raises comes back as itself.
     """
 
-    def __init__(self, scorer: Any, template: str = "{prompt}{response}", weight: float = 1.0,
-                 path: str = "") -> None:
-        self.scorer, self.template, self.weight = scorer, template, weight
-        self.name = f"reward model {path!r}"
+    def __init__(
+        self, scorer: Any, template: str = "{prompt}{response}", weight: float = 1.0, path: str = "",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.scorer, self.template, self.weight, self.timeout_s = scorer, template, weight, timeout_s
+        self.name = scorer_name(path)
 
     def text(self, ctx: RewardContext) -> str:
         return self.template.format(prompt=ctx.sample.prompt, answer=ctx.sample.answer, response=ctx.response_text)
@@ -132,33 +142,45 @@ class RewardModelReward:
     def score_batch(self, ctxs: list[RewardContext]) -> list[float]:
         import ray
 
+        ref = self.scorer.score.remote([self.text(c) for c in ctxs])
         try:
-            scores = ray.get(self.scorer.score.remote([self.text(c) for c in ctxs]))
+            scores = ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorTimeoutError(
+                f"{self.name} did not finish score within {self.timeout_s:g} s (cluster.actor_timeout_s)"
+            ) from None
         except ray.exceptions.RayTaskError as err:
             # The scorer's own exception, so that the reward error reads "reward model ... raised ValueError: ...";
             # Ray's wrapper (the scorer's traceback) stays chained to it for the run's error.log.
             raise err.cause from err
+        except ray.exceptions.RayActorError as err:
+            raise ActorLostError(f"{self.name} was lost during score: {first_line(err)}") from None
         return [self.weight * s for s in scores]
+
+    def wait_restarted(self, supervisor: Supervisor) -> None:
+        """Wait for Ray to restart the scorer after it was lost (it holds no state the run changes)."""
+        supervisor.wait_restarted(self.scorer, self.name)
 
 
 class RewardModelServer:
     """The reward-model scorer started as its own Ray actor, and the reward that the rollout actors call."""
 
-    def __init__(self, cfg: RewardModelConfig) -> None:
+    def __init__(self, cfg: RewardModelConfig, supervisor: Supervisor | None = None) -> None:
         import ray
 
         if cfg.path is None:
             raise ValueError("reward_model.path is not set; there is no reward model to start")
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
-        actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus)(RewardModelScorer)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, **self.supervisor.actor_options())(RewardModelScorer)
         self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device)
-        self.info = unwrap_ray_errors(lambda: ray.get(self.actor.ready.remote()), where="reward model")
-        self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, path=cfg.path)
+        name = scorer_name(cfg.path)
+        self.info = self.supervisor.get(self.actor.ready.remote(), name, "start-up")
+        self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, path=cfg.path,
+                                        timeout_s=self.supervisor.timeout_s)
 
     def stats(self) -> dict[str, Any]:
-        import ray
-
-        return unwrap_ray_errors(lambda: ray.get(self.actor.stats.remote()), where="reward model")
+        return self.supervisor.get(self.actor.stats.remote(), self.reward.name, "stats")
 
     def shutdown(self) -> None:
         import ray

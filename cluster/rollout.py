@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cluster.console import ActorDied, tag
+from cluster.console import tag
+from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died
 from policies.models import weight_names
 from textenv import (
     BatchRewardFn, DatasetTask, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
@@ -125,8 +126,11 @@ class VLLMRolloutActor:
         return f"rollout actor {self.index}"
 
     def ready(self) -> dict[str, Any]:
-        """Warm the engine up (once) and describe it. The warm-up runs the task and the reward function, so it is
-        a method call rather than part of ``__init__``: a user error there comes back as that exception."""
+        """Warm the engine up (once) and describe the actor: its identity (index, process, node) and its engine's
+        settings. The warm-up runs the task and the reward function, so it is a method call rather than part of
+        ``__init__``: a user error there comes back as that exception. A restarted actor warms up again."""
+        import ray
+
         if self.startup_s is None:
             # The first generate call is slow. A dataset task's rows are the driver's to hand out, so the warm-up
             # poses rows by index and moves no cursor.
@@ -136,6 +140,7 @@ class VLLMRolloutActor:
             self.startup_s = time.perf_counter() - self._started
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         return {"index": self.index, "startup_s": self.startup_s, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(),
                 "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens}
 
     # ------------------------------------------------------------------------------------------- weights
@@ -401,31 +406,40 @@ def repack_tied_layers(model: Any) -> int:
 
 
 class RolloutGroup:
-    """The rollout actors of a run, started on Ray and driven together."""
+    """The rollout actors of a run, started on Ray and driven together.
+
+    The actors form a :class:`cluster.supervision.ActorPool`: every wait has a deadline, and when an actor is lost
+    (or its reward model is) the pool waits for Ray's restart, this group gives the actor the current weights and
+    version back (:meth:`_restore`), and the whole call is redone with the same arguments.
+    """
 
     def __init__(
         self, num_actors: int, env_cfg: EnvConfig, engine: EngineOptions, num_gpus_per_actor: float,
-        batch_reward: BatchRewardFn | None = None, num_cpus_per_actor: int = 1,
+        batch_reward: BatchRewardFn | None = None, num_cpus_per_actor: int = 1, supervisor: Supervisor | None = None,
     ) -> None:
         import ray
 
-        actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(VLLMRolloutActor)
-        self.actors = [actor_cls.remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)]
-        self.info = self._gather([a.ready.remote() for a in self.actors])
-
-    def _gather(self, refs: list[Any]) -> list[Any]:
-        """The results of one call per actor (``refs[i]`` from actor i), in order; a failure is re-raised as the
-        actor's own exception, marked with the actor's name ("rollout actor i") for the run's error line."""
-        import ray
-
-        return [unwrap_ray_errors(lambda: ray.get(ref), where=f"rollout actor {i}") for i, ref in enumerate(refs)]
+        supervisor = supervisor if supervisor is not None else Supervisor()
+        self._weights_ref: Any = None  # the last weights pushed (kept alive for a restarted actor)
+        self.version = 0  # the version every actor holds after the last push (0: the checkpoint's own weights)
+        actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
+                               **supervisor.actor_options())(VLLMRolloutActor)
+        # A reward model that lives in an actor of its own (Restartable): its restarts are waited for too.
+        self.pool = ActorPool(
+            [actor_cls.remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)], supervisor,
+            "rollout actor", restore=self._restore,
+            dependency=batch_reward if isinstance(batch_reward, Restartable) else None,
+        )
+        self.actors = self.pool.actors
+        self.info = self.pool.start()
 
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
         """Push the same weights to every actor (one copy in the object store) and wait for all of them."""
         import ray
 
         ref = ray.put(named_arrays)
-        versions = self._gather([a.load_weights.remote(ref, version) for a in self.actors])
+        self._weights_ref, self.version = ref, version  # what an actor restarted from now on is given back
+        versions = self.pool.call(f"load_weights (version {version})", lambda i, a: a.load_weights.remote(ref, version))
         if any(v != version for v in versions):
             raise StaleWeightsError(f"weight sync to version {version} failed: actors report {versions}")
 
@@ -435,17 +449,17 @@ class RolloutGroup:
         """Split the prompts over the actors, sample everywhere at once, and merge the results in actor order.
 
         ``rows`` (one dataset row index per prompt, chosen by the driver) are split the same way: each actor poses
-        its consecutive share, so no row goes to two actors.
+        its consecutive share, so no row goes to two actors. If an actor is lost, the whole sampling is redone
+        after its restart with the same seeds and rows: the same batch, once.
         """
         chunks = np.array_split(np.arange(num_prompts), len(self.actors))
         if rows is not None and len(rows) != num_prompts:
             raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts; give one per prompt")
-        refs = [
-            a.sample.remote(len(c), samples_per_prompt, actor_seed(seed, i), version,
-                            rows=None if rows is None else [int(rows[k]) for k in c])
-            for i, (a, c) in enumerate(zip(self.actors, chunks)) if len(c) > 0
-        ]  # the first len(refs) actors: every actor has prompts unless there are fewer prompts than actors
-        parts = self._gather(refs)
+        used = [i for i, c in enumerate(chunks) if len(c) > 0]
+        parts = self.pool.call("sample", lambda i, a: a.sample.remote(
+            len(chunks[i]), samples_per_prompt, actor_seed(seed, i), version,
+            rows=None if rows is None else [int(rows[k]) for k in chunks[i]],
+        ), used, state_lost=self._lost_weights(version))
         stale = [p["weights_version"] for p in parts if p["weights_version"] != version]
         if stale:  # defence in depth: the actors already refuse, but a batch must never mix versions
             raise StaleWeightsError(f"rollouts sampled with weights {stale}, expected version {version}")
@@ -466,27 +480,47 @@ class RolloutGroup:
     ) -> dict[str, Any]:
         """:meth:`VLLMRolloutActor.evaluate` over the actors; problem i's sampled requests are seeded
         ``seed + i * k + j`` whichever actor serves it. Arrays merged in problem order."""
-        splits = [c for c in np.array_split(np.arange(len(samples)), len(self.actors)) if len(c)]
-        refs = [a.evaluate.remote([samples[i] for i in idx], k, temperature, seed + int(idx[0]) * k, version)
-                for a, idx in zip(self.actors, splits)]
-        parts = self._gather(refs)
+        splits = np.array_split(np.arange(len(samples)), len(self.actors))
+        used = [i for i, idx in enumerate(splits) if len(idx)]
+        parts = self.pool.call("evaluate", lambda i, a: a.evaluate.remote(
+            [samples[j] for j in splits[i]], k, temperature, seed + int(splits[i][0]) * k, version,
+        ), used, state_lost=self._lost_weights(version))
         merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "examples"}
         merged["examples"] = [e for p in parts for e in p["examples"]]
         return merged
 
     def respond(self, samples: list[TaskSample], temperature: float, seed: int, version: int) -> list[dict[str, Any]]:
         """:meth:`VLLMRolloutActor.respond` over the actors, in problem order (problem i seeded ``seed + i``)."""
-        splits = [c for c in np.array_split(np.arange(len(samples)), len(self.actors)) if len(c)]
-        refs = [a.respond.remote([samples[i] for i in idx], temperature, seed + int(idx[0]), version)
-                for a, idx in zip(self.actors, splits)]
-        return [row for part in self._gather(refs) for row in part]
+        splits = np.array_split(np.arange(len(samples)), len(self.actors))
+        used = [i for i, idx in enumerate(splits) if len(idx)]
+        parts = self.pool.call("respond", lambda i, a: a.respond.remote(
+            [samples[j] for j in splits[i]], temperature, seed + int(splits[i][0]), version,
+        ), used, state_lost=self._lost_weights(version))
+        return [row for part in parts for row in part]
 
     def shutdown(self) -> None:
         import ray
 
         for a in self.actors:
-            ray.kill(a)
+            ray.kill(a)  # no_restart=True: a shut-down actor stays down
         self.actors = []
+
+    # ------------------------------------------------------------------------------------------- supervision
+    def _lost_weights(self, version: int) -> Callable[[BaseException], bool]:
+        """Whether an actor's refusal may mean it lost the current weights (Ray restarted it between calls, with
+        the initial ones). A caller asking for another version than the one pushed gets its StaleWeightsError."""
+        return lambda err: isinstance(err, StaleWeightsError) and version == self.version != 0
+
+    def _restore(self, index: int) -> None:
+        """Give a restarted actor the run's current weights and version (it restarted with the initial ones)."""
+        if self.version == 0:  # nothing pushed yet: the initial weights are the current ones
+            return
+        name = self.pool.name(index)
+        held = self.pool.supervisor.get(self.actors[index].load_weights.remote(self._weights_ref, self.version),
+                                        name, f"load_weights (version {self.version}, after a restart)",
+                                        self.pool.label(index))
+        if held != self.version:
+            raise StaleWeightsError(f"{name} reports version {held} after a restart, expected {self.version}")
 
 
 def draw_problems(env: TokenEnv, seed: int, n: int) -> tuple[list[TaskSample], list[list[int]]]:
@@ -526,7 +560,5 @@ def unwrap_ray_errors(fn: Any, where: str | None = None) -> Any:
         own = err.as_instanceof_cause()
         raise (tag(own, where) if where else own) from None
     except ray.exceptions.RayActorError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        cause = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1] if lines else "")
         # Ray's message (the actor's traceback when its __init__ failed) stays the cause: it goes to error.log.
-        raise ActorDied(f"{where or 'a Ray actor'} died: {cause}") from err
+        raise actor_died(err, where or "a Ray actor") from err

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,13 +40,30 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
+def resume_config(run_dir: Path, overrides: list[str], require_checkpoint: bool = True) -> ExperimentConfig:
     """The config a stopped run was started with, plus any overrides (e.g. ``iterations=300`` to go further)."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; give a directory under runs/ made by tokengym train")
-    if latest_checkpoint(run_dir / CHECKPOINTS) is None:
+    if require_checkpoint and latest_checkpoint(run_dir / CHECKPOINTS) is None:
         raise ConfigError(f"--resume {str(run_dir)!r}: the run has no complete checkpoint yet; start it again instead")
     return load_config(run_dir / "config.yaml", overrides)
+
+
+def find_resumable_run(runs_dir: str | Path, name: str) -> Path | None:
+    """The newest run called ``name`` under ``runs_dir`` (``<name>-<YYYYmmdd-HHMMSS>[-n]`` holding a
+    config.yaml), or None: what ``--resume auto`` continues.
+
+    Newest by the start time in the directory name, not by modification time: a resumed older run writes to its
+    directory too.
+    """
+    root = Path(runs_dir)
+    pattern = re.compile(rf"{re.escape(name)}-(\d{{8}}-\d{{6}})(?:-(\d+))?")
+    found = []
+    for path in root.iterdir() if root.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match and (path / "config.yaml").is_file():
+            found.append((match.group(1), int(match.group(2) or 1), path))
+    return max(found)[2] if found else None
 
 
 def prepare_policy(cfg: ExperimentConfig, run_dir: Path) -> Path:
@@ -118,6 +136,20 @@ def check_reward_model(path: str, label: int | str) -> None:
         raise ConfigError(str(err)) from None
 
 
+def required_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """The Ray resources a run's actors ask for (the driver, and a learner in its process, ask for none): rollout
+    actors, learner actors (RLlib gives a learner 1 CPU without a GPU, none with one) and the reward model.
+    A cluster smaller than this leaves actors pending (until ``cluster.actor_timeout_s``)."""
+    r, c, rm = cfg.rollout, cfg.cluster, cfg.reward_model
+    has_rm = rm.path is not None
+    learner_cpus = 1 if c.num_gpus_per_learner == 0 else 0
+    return {
+        "CPU": float(r.num_actors * r.num_cpus_per_actor + c.num_learners * learner_cpus + int(has_rm)),
+        "GPU": float(r.num_actors * r.num_gpus_per_actor + c.num_learners * c.num_gpus_per_learner
+                     + (rm.num_gpus if has_rm else 0.0)),
+    }
+
+
 def init_ray(cfg: ExperimentConfig) -> None:
     """Start a local Ray sized for the run, or join ``cluster.address``; nothing when Ray is running already."""
     import ray
@@ -140,9 +172,12 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     """Run (or resume) an experiment; returns its run directory.
 
     Unless ``tracking.verbose``, what Ray, RLlib and vLLM print goes to ``RUN_DIR/console.log``; an exception ends
-    the run as :class:`cluster.console.RunFailed` (one line) with its traceback in ``RUN_DIR/error.log``.
+    the run as :class:`cluster.console.RunFailed` (one line) with its traceback in ``RUN_DIR/error.log``, except an
+    actor that timed out or was lost for good: :class:`cluster.supervision.ClusterError` (already one line; its
+    traceback in error.log too).
     """
     from cluster.console import failures_logged, quiet_console
+    from cluster.supervision import ClusterError
 
     cfg = resolve_model_paths(cfg)  # e.g. model_path: smollm2-135m-instruct -> its directory in the model cache
     check_before_ray(cfg)
@@ -150,7 +185,8 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; resume it with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with quiet_console(run_dir, cfg.tracking.verbose) as console, failures_logged(run_dir, passthrough=(ConfigError,)):
+    with (quiet_console(run_dir, cfg.tracking.verbose) as console,
+          failures_logged(run_dir, passthrough=(ConfigError,), logged=(ClusterError,))):
         import ray
 
         ray_was_running = ray.is_initialized()

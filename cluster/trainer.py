@@ -20,6 +20,7 @@ from cluster.config import ExperimentConfig
 from cluster.evaluation import Evaluator
 from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
+from cluster.supervision import Supervisor
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
 from policies.columns import (
     ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
@@ -64,12 +65,15 @@ class Trainer:
             temperature=cfg.rollout.temperature, seed=cfg.seed,  # remote learner k: cfg.seed + k
         )
         engine = engine_options(cfg, model_dir, prompt_tokens, response_tokens)
+        # Deadlines and restarts of the rollout and reward-model actors; the loop below stays free of them.
+        self.supervisor = supervisor_for(cfg)
         # The reward model starts first: every rollout actor's environment calls it.
-        self.reward_model = RewardModelServer(cfg.reward_model) if cfg.reward_model.path is not None else None
+        self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor)
+                             if cfg.reward_model.path is not None else None)
         self.rollouts = RolloutGroup(
             cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor,
             batch_reward=self.reward_model.reward if self.reward_model is not None else None,
-            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor,
         )
         # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
         self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
@@ -100,7 +104,7 @@ class Trainer:
         data = {"data/epoch": self.data.progress} if self.data is not None else {}
         metrics = {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
                    "throughput/update_tokens_per_s": trained / t["timing/update_s"],
-                   "weights/version": self.weights_version}
+                   "weights/version": self.weights_version, "faults/actor_restarts": self.supervisor.take_restarts()}
         return metrics, rollouts["examples"]
 
     def evaluate(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -201,6 +205,11 @@ def engine_options(cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, r
         seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,
         max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
     )
+
+
+def supervisor_for(cfg: ExperimentConfig) -> Supervisor:
+    """The run's actor supervision: ``cluster.actor_timeout_s`` and ``cluster.max_actor_restarts``."""
+    return Supervisor(cfg.cluster.actor_timeout_s, cfg.cluster.max_actor_restarts)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

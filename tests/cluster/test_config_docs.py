@@ -91,7 +91,7 @@ def logged_keys() -> set[str]:
     """Every metric key the trainer and the evaluation log, read from their source."""
     trainer = (REPO / "cluster" / "trainer.py").read_text()
     evaluation = (REPO / "cluster" / "evaluation.py").read_text()
-    namespaces = "reward|rollout|losses|timing|throughput|eval|data|weights"
+    namespaces = "reward|rollout|losses|timing|throughput|eval|data|weights|faults"
     keys = set(re.findall(rf'"((?:{namespaces})/[\w@]+)"', trainer + evaluation))
     keys |= {f"timing/{phase}_s" for phase in re.findall(r'timed\(t, "(\w+)"\)', trainer)}
     names = re.search(r"names = (\{.*?\})\n", trainer, flags=re.S).group(1)  # RLlib's stat name -> ours

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from cluster.console import ActorDied, tag
+from textenv.rewards import RewardServiceError
 
 DEFAULT_TIMEOUT_S = 1800.0  # ClusterConfig.actor_timeout_s
 DEFAULT_MAX_RESTARTS = 3  # ClusterConfig.max_actor_restarts
@@ -32,11 +33,11 @@ class ClusterError(RuntimeError):
     """A Ray actor of the run failed in a way the run cannot recover from; the message is one line."""
 
 
-class ActorTimeoutError(ClusterError):
+class ActorTimeoutError(ClusterError, RewardServiceError):
     """An actor did not answer within ``cluster.actor_timeout_s``."""
 
 
-class ActorLostError(ClusterError):
+class ActorLostError(ClusterError, RewardServiceError):
     """An actor died and Ray did not bring it back (out of restarts, or its node is gone)."""
 
 

@@ -14,7 +14,9 @@ from textenv.config import EnvConfig, make_env
 from textenv.env import TokenEnv, replay, score_pending
 from textenv.epochs import EpochOrder
 from textenv.file_task import DataFileError, FileTask
-from textenv.rewards import BatchRewardFn, DeferredReward, RewardContext, RewardError, RewardFn, TaskReward
+from textenv.rewards import (
+    BatchRewardFn, DeferredReward, RewardContext, RewardError, RewardFn, RewardServiceError, TaskReward,
+)
 from textenv.tasks import TASKS, DatasetTask, MultiTurnTask, Task, TaskSample, make_task
 from textenv.tokenizer import CharTokenizer, HFTokenizerAdapter, Tokenizer
 
@@ -54,6 +56,7 @@ __all__ = [
     "HFTokenizerAdapter",
     "RewardContext",
     "RewardError",
+    "RewardServiceError",
     "RewardFn",
     "MultiTurnTask",
     "Task",

@@ -55,6 +55,12 @@ class RewardError(RuntimeError):
     """A reward function raised or returned something that is not a finite number."""
 
 
+class RewardServiceError(RuntimeError):
+    """A failure of what serves a reward (e.g. a reward-model actor that was lost or timed out), not of the reward
+    itself. It passes through the reward checks unchanged (no :class:`RewardError`, no failure value), so that the
+    caller can recover: wait for the service and redo the rollout."""
+
+
 class TaskReward:
     """The task's own verifier as a reward.
 
@@ -162,8 +168,8 @@ def checked_reward(fn: Callable[[RewardContext], float], ctx: RewardContext) -> 
     """Call ``fn`` and insist on a finite float; the error names the task, the function and the sample."""
     try:
         value = fn(ctx)
-    except RewardError:
-        raise  # already names the function that failed (a DeferredReward's parts)
+    except (RewardError, RewardServiceError):
+        raise  # already names the function that failed (a DeferredReward's parts), or is the service's to recover
     except Exception as err:  # noqa: BLE001 - re-raised with the context a user needs
         failed = f"raised {type(err).__name__}: {err}"
         raise RewardError(f"{_where(fn, ctx)} {failed} on prompt {ctx.sample.prompt!r}") from err
@@ -183,6 +189,8 @@ def checked_batch(fn: BatchRewardFn, ctxs: Sequence[RewardContext]) -> list[floa
         return []
     try:
         values = list(fn.score_batch(ctxs))
+    except RewardServiceError:
+        raise  # the reward's service failed, not the reward: the caller recovers (restart, redo)
     except Exception as err:  # noqa: BLE001 - handed back with the context a user needs
         failed = f"raised {type(err).__name__}: {err}"
         return [_error(f"{_where(fn, c)} {failed} on prompt {c.sample.prompt!r}", cause=err) for c in ctxs]

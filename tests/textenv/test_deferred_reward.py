@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from textenv import DeferredReward, RewardContext, RewardError, TaskSample, TokenEnv, make_task, replay, score_pending
+from textenv import (
+    DeferredReward, RewardContext, RewardError, RewardServiceError, TaskSample, TokenEnv, make_task, replay, score_pending,
+)
 
 SAMPLE = TaskSample("abcde=", "edcba")
 RESPONSES = ["edcba", "edc", "eaaaa", "h", "edcbaab"]  # right, short (EOS), wrong, one letter, truncated
@@ -166,3 +168,20 @@ def test_a_batched_reward_is_named_by_its_name_attribute_else_its_class() -> Non
             score_pending(env, replay_all(env, defer=True))
         assert str(err.value) == (f"{where} of task 'reverse' raised ConnectionError: scorer unreachable on prompt "
                                   "'abcde='")
+
+
+class FakeLostService(FakeScorer):
+    """A fake batched reward whose service is gone (as a lost reward-model actor is)."""
+
+    def score_batch(self, ctxs: list[RewardContext]) -> list[float]:
+        raise RewardServiceError("the reward service was lost")
+
+
+@pytest.mark.parametrize("on_error", ["raise", "failure_value"])
+def test_a_lost_reward_service_is_neither_a_reward_error_nor_a_failure_value(on_error: str) -> None:
+    # The caller (cluster/: the rollout group) recovers from it: it waits for the service and redoes the rollout.
+    env = TokenEnv("reverse", batch_reward=FakeLostService(), on_reward_error=on_error)
+    with pytest.raises(RewardServiceError, match="was lost"):
+        score_pending(env, replay_all(env, defer=True))
+    with pytest.raises(RewardServiceError, match="was lost"):
+        replay_all(env, defer=False)  # scored episode by episode: the same

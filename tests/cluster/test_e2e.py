@@ -57,6 +57,10 @@ def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None
                      str(run / "metrics.jsonl"), str(run / "checkpoints" / "iter_000030"),
                      str(run / "plots" / "summary.png"), f"wandb sync {wandb_runs(run)[0]}"):
         assert expected in result.stdout, expected
+    from PIL import Image
+
+    with Image.open(run / "plots" / "summary.png") as png:  # the run's own plot, drawn when it ended
+        assert png.format == "PNG" and png.size == (1600, 900) and len(set(png.convert("L").getdata())) > 50
 
     assert [r["iteration"] for r in rows] == list(range(1, 31))
     for key in REQUIRED:

@@ -222,9 +222,9 @@ class VLLMRolloutActor:
         """
         self._check_version(expected_version)
         _, prompts = pose_problems(self.env, samples)
-        greedy, _ = self._play([(s, p, 0) for s, p in zip(samples, prompts)], temperature=0.0, seeded=False)
-        sampled, _ = self._play([(s, p, seed + i * k + j) for i, (s, p) in enumerate(zip(samples, prompts))
-                                 for j in range(k)], temperature=temperature, seeded=True)
+        greedy = self._answer(samples, prompts, 0.0)
+        sampled = self._answer([s for s in samples for _ in range(k)], [p for p in prompts for _ in range(k)],
+                               temperature, seed)  # problem i's j-th sample: seed + i * k + j
         score_pending(self.env, greedy + sampled)
         self.llm.reset_prefix_cache()
         n = len(samples)
@@ -243,15 +243,20 @@ class VLLMRolloutActor:
         answer, score and the episode's return. Like :meth:`evaluate`, it leaves training's state as it was."""
         self._check_version(expected_version)
         _, prompts = pose_problems(self.env, samples)
-        if temperature == 0.0:
-            episodes, _ = self._play([(s, p, 0) for s, p in zip(samples, prompts)], temperature=0.0, seeded=False)
-        else:
-            episodes, _ = self._play([(s, p, seed + i) for i, (s, p) in enumerate(zip(samples, prompts))],
-                                     temperature=temperature, seeded=True)
+        episodes = self._answer(samples, prompts, temperature, seed)
         score_pending(self.env, episodes)
         self.llm.reset_prefix_cache()
         return [{"prompt": s.prompt, "response": self.tokenizer.decode(ep["tokens"]), "answer": s.answer,
                  "score": float(ep["score"]), "return": float(np.sum(ep["rewards"]))} for s, ep in zip(samples, episodes)]
+
+    def _answer(
+        self, samples: list[TaskSample], prompts: list[list[int]], temperature: float, seed: int = 0
+    ) -> list[dict]:
+        """One episode per posed problem: greedy at temperature 0, else request i seeded ``seed + i``."""
+        if temperature == 0.0:
+            return self._play([(s, p, 0) for s, p in zip(samples, prompts)], temperature=0.0, seeded=False)[0]
+        rows = [(s, p, seed + i) for i, (s, p) in enumerate(zip(samples, prompts))]
+        return self._play(rows, temperature=temperature, seeded=True)[0]
 
     def _check_version(self, expected_version: int) -> None:
         if self.weights_version != expected_version:
@@ -480,23 +485,25 @@ class RolloutGroup:
     ) -> dict[str, Any]:
         """:meth:`VLLMRolloutActor.evaluate` over the actors; problem i's sampled requests are seeded
         ``seed + i * k + j`` whichever actor serves it. Arrays merged in problem order."""
-        splits = np.array_split(np.arange(len(samples)), len(self.actors))
-        used = [i for i, idx in enumerate(splits) if len(idx)]
-        parts = self.pool.call("evaluate", lambda i, a: a.evaluate.remote(
-            [samples[j] for j in splits[i]], k, temperature, seed + int(splits[i][0]) * k, version,
-        ), used, state_lost=self._lost_weights(version))
+        parts = self._scatter("evaluate", samples, version, lambda a, chunk, first: a.evaluate.remote(
+            chunk, k, temperature, seed + first * k, version))
         merged: dict[str, Any] = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "examples"}
         merged["examples"] = [e for p in parts for e in p["examples"]]
         return merged
 
     def respond(self, samples: list[TaskSample], temperature: float, seed: int, version: int) -> list[dict[str, Any]]:
         """:meth:`VLLMRolloutActor.respond` over the actors, in problem order (problem i seeded ``seed + i``)."""
+        parts = self._scatter("respond", samples, version, lambda a, chunk, first: a.respond.remote(
+            chunk, temperature, seed + first, version))
+        return [row for part in parts for row in part]
+
+    def _scatter(self, name: str, samples: list[TaskSample], version: int, call: Callable[..., Any]) -> list[Any]:
+        """``call(actor, its consecutive share of samples, the share's first index)`` on every actor with a share,
+        through the pool (restart and redo); the results in actor order."""
         splits = np.array_split(np.arange(len(samples)), len(self.actors))
         used = [i for i, idx in enumerate(splits) if len(idx)]
-        parts = self.pool.call("respond", lambda i, a: a.respond.remote(
-            [samples[j] for j in splits[i]], temperature, seed + int(splits[i][0]), version,
-        ), used, state_lost=self._lost_weights(version))
-        return [row for part in parts for row in part]
+        return self.pool.call(name, lambda i, a: call(a, [samples[j] for j in splits[i]], int(splits[i][0])), used,
+                              state_lost=self._lost_weights(version))
 
     def shutdown(self) -> None:
         import ray

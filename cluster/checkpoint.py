@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds them
 LATEST = "latest"
 STATE = "state.json"
 RNG = "rng.json"

@@ -20,11 +20,14 @@ USAGE_EXAMPLES = """examples:
   tokengym train --resume runs/reverse-ppo-20261129-101500
   tokengym train --verbose                         # Ray's, RLlib's and vLLM's logs on the console, not console.log
   tokengym train configs/gpu.yaml --resume auto    # continue the newest run of this name, or start one
+  tokengym train storage=s3://bucket/runs          # durable copy in s3://bucket/runs/<run>/; runs/ is the local one
+  tokengym train --resume s3://bucket/runs/reverse-ppo-20261129-101500   # continue a stored run on any machine
   tokengym config configs/grpo.yaml                # the resolved config, every field with its help text
   tokengym envs                                    # the registered environments and their task_kwargs
   tokengym plot runs/reverse-ppo-20261129-101500   # -> RUN_DIR/plots/summary.png
   tokengym plot runs/a runs/b --out cmp.png        # several runs in one figure
   tokengym export runs/reverse-ppo-20261129-101500 --out exported/
+  tokengym export s3://bucket/runs/reverse-ppo-20261129-101500/checkpoints/iter_000100 --out s3://bucket/hf/rev
   tokengym pull smollm2-135m-instruct              # prints the model directory on its last line
   tokengym eval runs/reverse-ppo-20261129-101500   # held-out accuracy, pass@k -> RUN_DIR/eval.json
   tokengym eval MODEL_DIR --env textenv/Addition-v0 --n 128
@@ -38,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="run an experiment (default: configs/default.yaml)")
     tr.add_argument("overrides", nargs="*", metavar="[CONFIG] [section.key=value ...]")
-    tr.add_argument("--resume", metavar="RUN_DIR|auto",
-                    help="continue a stopped run from its last checkpoint; auto: the newest run of the config's name "
-                         "under runs_dir, or a new run if there is none (what a retried cluster job wants)")
+    tr.add_argument("--resume", metavar="RUN_DIR|URI|auto",
+                    help="continue a stopped run from its last checkpoint (a run directory, or <storage>/<run-name>); "
+                         "auto: the newest run of the config's name in storage (or under runs_dir without storage), "
+                         "or a new run if there is none (what a retried cluster job wants)")
     tr.add_argument("--dry-run", action="store_true",
                     help="check the config as train does before Ray starts, print it resolved, and stop")
     tr.add_argument("--verbose", action="store_true", help="show what Ray, RLlib and vLLM print (tracking.verbose); "
@@ -58,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
                                   "./plots/compare.png for several)")
     pt.set_defaults(run=lambda a: _plot([Path(d) for d in a.run_dirs], Path(a.out) if a.out else None))
     ex = sub.add_parser("export", help="write a run's policy as a Hugging Face model directory")
-    ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True, help="the directory to write")
-    ex.set_defaults(run=lambda a: _export(Path(a.run_dir), Path(a.out)))
+    ex.add_argument("run_dir", metavar="RUN_DIR|URI", help="a run directory, a stored run <storage>/<run-name> (its "
+                    "latest checkpoint) or one of its checkpoints <storage>/<run-name>/checkpoints/iter_N")
+    ex.add_argument("--out", required=True, help="the directory to write (a path or a URI)")
+    ex.set_defaults(run=lambda a: _export(a.run_dir, a.out))
     pl = sub.add_parser("pull", help="install and convert a pretrained model into the local model cache")
     pl.add_argument("name", help="a model name, e.g. smollm2-135m-instruct")
     pl.set_defaults(run=lambda a: _pull(a.name))
     ev = sub.add_parser("eval", help="evaluate a run's final policy or a model directory on held-out prompts")
-    ev.add_argument("target", metavar="RUN_DIR|MODEL_DIR")
+    ev.add_argument("target", metavar="RUN_DIR|URI|MODEL_DIR")
     ev.add_argument("overrides", nargs="*", metavar="section.key=value")
     ev.add_argument("--config", help="for a model directory: the experiment config (default: configs/default.yaml)")
     ev.add_argument("--env", help="evaluate on this environment id instead, e.g. textenv/Addition-v0")
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", help="where to write the results (default: RUN_DIR|MODEL_DIR/eval.json)")
     ev.set_defaults(run=_eval)
     sa = sub.add_parser("sample", help="show a run's or a model's responses to held-out prompts, with their rewards")
-    sa.add_argument("target", metavar="RUN_DIR|MODEL_DIR")
+    sa.add_argument("target", metavar="RUN_DIR|URI|MODEL_DIR")
     sa.add_argument("overrides", nargs="*", metavar="section.key=value")
     sa.add_argument("--n", type=int, default=8, help="number of held-out problems (default 8)")
     sa.add_argument("--prompt", action="append", help="a prompt of your own instead (repeatable); no reward without "
@@ -115,22 +120,24 @@ def _split_config(positional: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> int:
-    from cluster.run import check_before_ray, find_resumable_run, resume_config, run_summary, train
+    from cluster.run import check_before_ray, find_resumable_run, find_stored_run, resume_run, run_summary, train
 
     config_path, overrides = _split_config(positional)
+    run_dir = None
     if resume == RESUME_AUTO:
         # The same command again (a retried Kubernetes job) continues the newest run of this name; a run stopped
         # before its first checkpoint starts over in its own directory.
         cfg = load_config(config_path, overrides)
-        found = find_resumable_run(cfg.runs_dir, cfg.name)
+        found = (find_stored_run(cfg.storage, cfg.name) if cfg.storage is not None
+                 else find_resumable_run(cfg.runs_dir, cfg.name))
         if found is not None:
-            cfg = resume_config(found, overrides, require_checkpoint=False)
+            cfg, run_dir = resume_run(found, overrides, require_checkpoint=False)
             print(f"tokengym: --resume auto: continuing {found}", file=sys.stderr)
         resume = str(found) if found is not None else None
     elif resume is not None:
         if config_path is not None:
             raise ConfigError("--resume takes the run's own config.yaml; give only section.key=value overrides")
-        cfg = resume_config(Path(resume), overrides)
+        cfg, run_dir = resume_run(resume, overrides)
     else:
         cfg = load_config(config_path, overrides)
     if dry_run:
@@ -141,8 +148,9 @@ def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> 
         source = f"--resume {resume}" if resume is not None else config_path or "configs/default.yaml"
         _print_config(cfg, source, overrides, "passed every check train makes before Ray starts (dry run)")
         return 0
-    run_dir = train(cfg, Path(resume), resume=True) if resume is not None else train(cfg)
-    print(run_summary(run_dir))
+    run_dir = train(cfg, run_dir, resume=run_dir is not None)
+    stored = f"{cfg.storage.rstrip('/')}/{run_dir.name}" if cfg.storage is not None else None
+    print(run_summary(run_dir, stored=stored))
     return 0
 
 
@@ -183,11 +191,13 @@ def _plot(run_dirs: list[Path], out: Path | None) -> int:
     return 0
 
 
-def _export(run_dir: Path, out: Path) -> int:
+def _export(target: str, out: str) -> int:
     from cluster.export import export_policy
+    from cluster.storage import local_output, local_run_copy
 
-    export_policy(run_dir, out)
-    print(f"exported {run_dir} -> {out}")
+    with local_run_copy(target, "export") as run_dir, local_output(out, "--out") as local_out:
+        export_policy(run_dir, local_out)
+    print(f"exported {target} -> {out}")
     return 0
 
 
@@ -195,22 +205,26 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from cluster.evaluation import evaluate_path
+    from cluster.storage import is_uri, local_output, local_run_copy
 
-    out = evaluate_path(Path(args.target), args.overrides, args.config, args.env, args.n,
-                        Path(args.out) if args.out else None)
-    report = json.loads(out.read_text())
+    out = args.out or (f"{args.target.rstrip('/')}/eval.json" if is_uri(args.target) else None)
+    with local_run_copy(args.target, "eval") as target, local_output(out, "--out", replace=True) as local_out:
+        written = evaluate_path(target, args.overrides, args.config, args.env, args.n, local_out)
+        report = json.loads(written.read_text())
     print(" ".join(f"{k}={report[k]:.4g}" for k in ("eval/accuracy", "eval/reward", "eval/pass@k")) +
           f" (k={report['eval/k']}, {report['eval/prompts']} prompts)")
-    print(out)
+    print(out or written)
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     from cluster.evaluation import format_samples, sample_path
+    from cluster.storage import local_run_copy
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1; got {args.n}")
-    rows = sample_path(Path(args.target), args.overrides, args.config, args.env, args.n, args.prompt, args.greedy)
+    with local_run_copy(args.target, "sample") as target:
+        rows = sample_path(target, args.overrides, args.config, args.env, args.n, args.prompt, args.greedy)
     print(format_samples(rows))
     return 0
 

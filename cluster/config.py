@@ -170,7 +170,10 @@ class ExperimentConfig:
     iterations: int = 150  # training iterations (rollout + update each)
     checkpoint_every: int = 25  # iterations between checkpoints; the last iteration is always saved
     keep_checkpoints: int = 3  # the newest this many checkpoints are kept
-    runs_dir: str = "runs"  # where run directories are made
+    runs_dir: str = "runs"  # where run directories are made (a local or mounted shared path)
+    storage: str | None = None  # None: runs live in runs_dir only; a URI (file:///abs/dir, s3://bucket/prefix,
+    #   gs://..., hdfs://...): config, metrics, samples, checkpoints and plots also go to <storage>/<run>/, runs_dir
+    #   holds the local working copy, and --resume, export, eval and sample read from storage
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -184,6 +187,9 @@ class ExperimentConfig:
         for name in ("iterations", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.storage is not None and "://" not in self.storage:
+            raise ValueError(f"storage must be a URI such as file:///abs/dir or s3://bucket/prefix; got "
+                             f"{self.storage!r} (for a local or mounted shared directory, set runs_dir instead)")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0 (it seeds numpy, torch and vLLM); got {self.seed}")
         algo, rollout = self.algorithm, self.rollout

@@ -4,40 +4,67 @@
 ``checkpoints/``, ``policy_init/`` (the tiny model built for the run, when no ``policy.model_path`` is given),
 ``wandb/`` (and ``wandb_id``, the W&B run logging it now), ``console.log`` (what Ray, RLlib and vLLM printed),
 ``error.log`` (after a failure: its traceback) and, once the run has finished, ``plots/summary.png``.
+
+With ``storage`` set (a URI), that directory is the run's local working copy and what must last is copied to
+``<storage>/<run-name>/`` (:mod:`cluster.storage`): resuming reads the run back from there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
-from cluster.checkpoint import latest_checkpoint, read_state
+from cluster.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
 from cluster.pull import resolve_model_paths
+from cluster.storage import (
+    CONFIG_FILE, POLICY_INIT, Storage, download_run, is_uri, split_run_uri, stored_checkpoint, upload_checkpoint,
+)
 from cluster.tracking import Tracker, wandb_mode
 from textenv import EpochOrder, HFTokenizerAdapter, make_env
 
 if TYPE_CHECKING:
     from cluster.trainer import Trainer  # torch and Ray: imported when a run starts
 
-CHECKPOINTS = "checkpoints"
-POLICY_INIT = "policy_init"
-
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
-    """A fresh ``runs/<name>-<timestamp>`` directory."""
+    """A fresh ``runs/<name>-<timestamp>`` directory (a name no run in ``storage`` has either)."""
     root = Path(cfg.runs_dir)
+    store = Storage.open(cfg.storage) if cfg.storage is not None else None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{cfg.name}-{stamp}"
     n = 1
-    while path.exists():
+    while path.exists() or (store is not None and store.is_dir(path.name)):
         n += 1
         path = root / f"{cfg.name}-{stamp}-{n}"
     return path
+
+
+def resume_run(target: str | Path, overrides: list[str], require_checkpoint: bool = True) -> tuple[ExperimentConfig, Path]:
+    """What ``--resume TARGET`` continues: the run's config (plus overrides) and its local run directory. A URI
+    ``<storage>/<run-name>`` is a stored run: its local working copy is ``runs_dir/<run-name>``, which
+    :func:`train` fills from storage."""
+    if not is_uri(target):
+        return resume_config(Path(target), overrides, require_checkpoint), Path(target)
+    root, name, checkpoint = split_run_uri(str(target))
+    run = Storage.open(root, "--resume").child(name)
+    text = run.read_text(CONFIG_FILE)
+    if text is None or checkpoint is not None:
+        raise ConfigError(f"--resume {str(target)!r}: no {CONFIG_FILE} there; give <storage>/<run-name> of a run "
+                          "made by tokengym train")
+    if require_checkpoint and stored_checkpoint(run) is None:
+        raise ConfigError(f"--resume {str(target)!r}: the run has no complete checkpoint yet; start it again instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / CONFIG_FILE).write_text(text)
+        cfg = load_config(Path(tmp) / CONFIG_FILE, overrides)
+    cfg = dataclasses.replace(cfg, storage=root)  # where the run is now, should it have been moved
+    return cfg, Path(cfg.runs_dir) / name
 
 
 def resume_config(run_dir: Path, overrides: list[str], require_checkpoint: bool = True) -> ExperimentConfig:
@@ -57,13 +84,23 @@ def find_resumable_run(runs_dir: str | Path, name: str) -> Path | None:
     directory too.
     """
     root = Path(runs_dir)
+    found = newest_run([p.name for p in root.iterdir()] if root.is_dir() else [], name,
+                       lambda d: (root / d / CONFIG_FILE).is_file())
+    return root / found if found is not None else None
+
+
+def find_stored_run(storage: str, name: str) -> str | None:
+    """The URI of the newest run called ``name`` in ``storage`` (as :func:`find_resumable_run`), or None."""
+    store = Storage.open(storage)
+    found = newest_run(store.list_dirs(), name, lambda d: store.is_file(f"{d}/{CONFIG_FILE}"))
+    return f"{store.uri}/{found}" if found is not None else None
+
+
+def newest_run(names: Iterable[str], name: str, is_run: Callable[[str], bool]) -> str | None:
+    """The newest of ``names`` of the form ``<name>-<YYYYmmdd-HHMMSS>[-n]`` for which ``is_run`` holds."""
     pattern = re.compile(rf"{re.escape(name)}-(\d{{8}}-\d{{6}})(?:-(\d+))?")
-    found = []
-    for path in root.iterdir() if root.is_dir() else ():
-        match = pattern.fullmatch(path.name)
-        if match and (path / "config.yaml").is_file():
-            found.append((match.group(1), int(match.group(2) or 1), path))
-    return max(found)[2] if found else None
+    matches = [(m.group(1), int(m.group(2) or 1), n) for n in names if (m := pattern.fullmatch(n))]
+    return next((n for *_, n in sorted(matches, reverse=True) if is_run(n)), None)
 
 
 def prepare_policy(cfg: ExperimentConfig, run_dir: Path) -> Path:
@@ -108,6 +145,8 @@ def check_before_ray(cfg: ExperimentConfig) -> None:
         env = make_env(cfg.env, tokenizer=tokenizer).unwrapped
     except (ValueError, TypeError) as err:
         raise ConfigError(f"env: {err}") from None
+    if cfg.storage is not None:
+        Storage.open(cfg.storage)  # reachable, with a filesystem for its scheme
     if cfg.reward_model.path is not None:
         check_reward_model(cfg.reward_model.path, cfg.reward_model.label)
     if cfg.eval.every > 0:
@@ -182,8 +221,11 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
     cfg = resolve_model_paths(cfg)  # e.g. model_path: smollm2-135m-instruct -> its directory in the model cache
     check_before_ray(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    if not resume and (run_dir / "config.yaml").exists():
+    store = Storage.open(cfg.storage).child(run_dir.name) if cfg.storage is not None else None
+    if not resume and (run_dir / CONFIG_FILE).exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; resume it with --resume {run_dir}")
+    if not resume and store is not None and store.is_file(CONFIG_FILE):
+        raise ConfigError(f"{store.uri} already holds a run; resume it with --resume {store.uri}")
     run_dir.mkdir(parents=True, exist_ok=True)
     with (quiet_console(run_dir, cfg.tracking.verbose) as console,
           failures_logged(run_dir, passthrough=(ConfigError,), logged=(ClusterError,))):
@@ -191,24 +233,30 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
 
         ray_was_running = ray.is_initialized()
         try:
-            _run(cfg, run_dir, resume, console)
+            _run(cfg, run_dir, resume, console, store)
         finally:
             if not ray_was_running and ray.is_initialized():
                 ray.shutdown()  # here, so that what Ray prints on the way out lands in console.log too
-    plot_summary(run_dir)
+    if plot_summary(run_dir) is not None and store is not None:
+        store.upload(run_dir / "plots", "plots")
     return run_dir
 
 
-def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str]) -> None:
+def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], store: Storage | None) -> None:
     """The run itself: policy, Ray, trainer, tracker, the loop, then the artifacts."""
     from cluster.trainer import Trainer
     from policies.models import load_tokenizer
 
-    ckpt_root = run_dir / CHECKPOINTS
+    if resume and store is not None:  # storage is the truth: its latest checkpoint, metrics and W&B id
+        download_run(store, run_dir)
     model_dir = prepare_policy(cfg, run_dir)
-    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(cfg, run_dir / CONFIG_FILE)
+    if store is not None:
+        store.upload(run_dir / CONFIG_FILE, CONFIG_FILE)  # --resume auto finds a run before its first checkpoint
+        if (run_dir / POLICY_INIT).is_dir() and not store.is_dir(POLICY_INIT):
+            store.upload(run_dir / POLICY_INIT, POLICY_INIT)
     env = make_env(cfg.env, tokenizer=HFTokenizerAdapter(load_tokenizer(model_dir))).unwrapped
-    checkpoint = latest_checkpoint(ckpt_root) if resume else None
+    checkpoint = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
     start = int(read_state(checkpoint)["iteration"]) if checkpoint else 0
 
     init_ray(cfg)
@@ -222,7 +270,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str]) -
         else:
             trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
         tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), start, cfg.iterations, console)
-        train_loop(cfg, trainer, tracker, start, ckpt_root)
+        train_loop(cfg, trainer, tracker, start, run_dir, store)
         if cfg.tracking.log_artifacts:
             log_artifacts(tracker, run_dir)
         exit_code = 0
@@ -235,8 +283,11 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str]) -
         trainer.shutdown()
 
 
-def train_loop(cfg: ExperimentConfig, trainer: Trainer, tracker: Tracker, start: int, ckpt_root: Path) -> None:
-    """Iterations ``start + 1 .. cfg.iterations``: train, evaluate and log samples when due, log, checkpoint."""
+def train_loop(
+    cfg: ExperimentConfig, trainer: Trainer, tracker: Tracker, start: int, run_dir: Path, store: Storage | None,
+) -> None:
+    """Iterations ``start + 1 .. cfg.iterations``: train, evaluate and log samples when due, log, checkpoint (and
+    copy the checkpoint, then the metrics up to it, to ``store``)."""
     every, samples_every = cfg.eval.every, cfg.tracking.log_samples_every
     if every > 0 and start == 0:  # the policy before any update, as iteration 0
         scores, examples = trainer.evaluate()
@@ -252,7 +303,9 @@ def train_loop(cfg: ExperimentConfig, trainer: Trainer, tracker: Tracker, start:
             tracker.log_samples(iteration, "eval", examples)
         tracker.log(metrics)
         if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
-            trainer.save(ckpt_root, iteration, {"wandb_id": tracker.wandb_id})
+            checkpoint = trainer.save(run_dir / CHECKPOINTS, iteration, {"wandb_id": tracker.wandb_id})
+            if store is not None:
+                upload_checkpoint(store, checkpoint, cfg.keep_checkpoints, run_dir)
 
 
 def log_artifacts(tracker: Tracker, run_dir: Path) -> None:
@@ -279,9 +332,9 @@ def plot_summary(run_dir: Path) -> Path | None:
         return None
 
 
-def run_summary(run_dir: Path, last: int = 5) -> str:
+def run_summary(run_dir: Path, last: int = 5, stored: str | None = None) -> str:
     """A finished run in a few lines: final reward (mean of the last ``last`` iterations), best eval accuracy, mean
-    time per phase, and where its files are."""
+    time per phase, and where its files are (``stored``: its URI in storage)."""
     from cluster.plot import PHASES, SUMMARY
     from cluster.tracking import METRICS_FILE, WANDB_ID_FILE, read_metrics
 
@@ -311,6 +364,8 @@ def run_summary(run_dir: Path, last: int = 5) -> str:
         lines.append(f"  checkpoint      {checkpoint}")
     if (run_dir / SUMMARY).is_file():
         lines.append(f"  plots           {run_dir / SUMMARY}")
+    if stored is not None:
+        lines.append(f"  storage         {stored}")
     wandb_id = (run_dir / WANDB_ID_FILE).read_text().strip() if (run_dir / WANDB_ID_FILE).is_file() else None
     wandb_runs = sorted((run_dir / "wandb").glob(f"*run-*-{wandb_id}")) if wandb_id else []
     if wandb_runs:

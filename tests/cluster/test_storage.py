@@ -196,7 +196,9 @@ def test_a_stored_run_resumes_after_its_local_directory_is_gone(
 def test_run_in_storage_resumes_on_a_fresh_machine_and_exports_from_it(tmp_path: Path) -> None:
     """A real run with storage=file://, its local directory deleted, --resume from the URI to more iterations, and
     tokengym export from the URI: the metrics in storage cover every iteration once, the export loads."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    # RAY_ADDRESS=local: a local Ray of its own even when a `ray start` head runs on this machine (ray.init with no
+    # address joins the head that /tmp/ray/ray_current_cluster names).
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
     env.pop("WANDB_API_KEY", None)
     store, runs = tmp_path / "store", tmp_path / "runs"
 
@@ -221,7 +223,7 @@ def test_run_in_storage_resumes_on_a_fresh_machine_and_exports_from_it(tmp_path:
     assert stored_dirs(store / run) == ["iter_000004", "iter_000005", LATEST]
     assert read_state(latest_checkpoint(runs / run / CHECKPOINTS))["iteration"] == 5
 
-    tokengym("export", f"file://{store}/{run}", "--out", f"file://{store}/exported")
+    assert main(["export", f"file://{store}/{run}", "--out", f"file://{store}/exported"]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(store / "exported")

@@ -54,8 +54,11 @@ def resume_run(target: str | Path, overrides: list[str], require_checkpoint: boo
         return resume_config(Path(target), overrides, require_checkpoint), Path(target)
     root, name, checkpoint = split_run_uri(str(target))
     run = Storage.open(root, "--resume").child(name)
+    if checkpoint is not None:
+        raise ConfigError(f"--resume {str(target)!r} is a checkpoint; give its run, {root}/{name}, which resumes from "
+                          "its latest checkpoint")
     text = run.read_text(CONFIG_FILE)
-    if text is None or checkpoint is not None:
+    if text is None:
         raise ConfigError(f"--resume {str(target)!r}: no {CONFIG_FILE} there; give <storage>/<run-name> of a run "
                           "made by tokengym train")
     if require_checkpoint and stored_checkpoint(run) is None:

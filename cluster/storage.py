@@ -23,11 +23,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from cluster.checkpoint import CHECKPOINTS, LATEST, STATE, atomic_write_text
 from cluster.config import ConfigError
 from cluster.tracking import METRICS_FILE, SAMPLES_FILE, WANDB_ID_FILE
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem, FileType  # imported only where storage is used: a run without it skips pyarrow
 
 CONFIG_FILE = "config.yaml"
 POLICY_INIT = "policy_init"
@@ -43,7 +46,7 @@ def is_uri(location: str | Path) -> bool:
 class Storage:
     """A directory on a pyarrow filesystem; files in it are named by paths relative to it (``checkpoints/latest``)."""
 
-    def __init__(self, fs: object, root: str, uri: str) -> None:
+    def __init__(self, fs: FileSystem, root: str, uri: str) -> None:
         self.fs, self.root, self.uri = fs, root.rstrip("/"), uri.rstrip("/")
 
     @classmethod
@@ -76,7 +79,7 @@ class Storage:
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
-    def _type(self, rel: str) -> object:
+    def _type(self, rel: str) -> FileType:
         return self.fs.get_file_info(self.path(rel)).type
 
     def is_file(self, rel: str) -> bool:
@@ -143,7 +146,7 @@ class Storage:
             self.fs.delete_dir(self.path(rel))
 
 
-def _fsspec_filesystem(uri: str, key: str, arrow_reason: str, fix: str) -> tuple[object, str]:
+def _fsspec_filesystem(uri: str, key: str, arrow_reason: str, fix: str) -> tuple[FileSystem, str]:
     """A filesystem pyarrow does not know, through fsspec (the package for the scheme, e.g. adlfs, installed)."""
     import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -184,8 +187,9 @@ def upload_checkpoint(run: Storage, checkpoint: Path, keep: int, run_dir: Path |
         upload_run_files(run, run_dir)
     run.upload(checkpoint / STATE, f"{rel}/{STATE}")
     run.write_text(f"{CHECKPOINTS}/{LATEST}", checkpoint.name)
-    complete = [d for d in _checkpoint_dirs(run) if run.is_file(f"{CHECKPOINTS}/{d}/{STATE}")]
-    for name in _checkpoint_dirs(run):
+    names = _checkpoint_dirs(run)
+    complete = [d for d in names if run.is_file(f"{CHECKPOINTS}/{d}/{STATE}")]
+    for name in names:
         if name not in complete[-keep:]:  # older checkpoints, and torn uploads a killed writer left
             run.delete_dir(f"{CHECKPOINTS}/{name}")
 

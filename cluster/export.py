@@ -7,13 +7,11 @@ from pathlib import Path
 
 from cluster.checkpoint import latest_checkpoint
 from cluster.config import ConfigError, load_config
-from policies.learner import MODULE_ID
+from policies.learner import MODULE_ID, TokenGymRLlibConfig
 
 
 def export_policy(run_dir: Path, out: Path) -> Path:
     """Write the policy of ``run_dir``'s latest checkpoint to ``out``; loadable by ``transformers`` and vLLM."""
-    from ray.rllib.core.rl_module.rl_module import RLModule
-
     from cluster.run import prepare_policy
 
     checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
@@ -22,11 +20,17 @@ def export_policy(run_dir: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
     cfg = load_config(Path(run_dir) / "config.yaml")
-    module = RLModule.from_checkpoint(str((checkpoint / "learner" / "learner" / "rl_module" / MODULE_ID).resolve()))
+    source = prepare_policy(cfg, Path(run_dir))  # the model the run started from: its architecture and tokenizer
+    # Built from the run's config and its model directory as found now, then given the checkpoint's state, rather
+    # than RLModule.from_checkpoint, which rebuilds from the model path the run had when it saved: a run copied
+    # from storage, or moved, has its policy_init/ elsewhere.
+    spec = TokenGymRLlibConfig(algo=cfg.algorithm, policy=cfg.policy, policy_model_path=str(source),
+                               temperature=cfg.rollout.temperature).get_default_rl_module_spec()
+    module = spec.build()
+    module.restore_from_path(str((checkpoint / "learner" / "learner" / "rl_module" / MODULE_ID).resolve()))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     module.merged_hf_model().save_pretrained(tmp, safe_serialization=True)  # LoRA adapters folded in
-    source = prepare_policy(cfg, Path(run_dir))  # the tokenizer the run trained with
     from policies.models import load_tokenizer
 
     load_tokenizer(source).save_pretrained(tmp)

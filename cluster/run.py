@@ -46,7 +46,9 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def resume_run(target: str | Path, overrides: list[str], require_checkpoint: bool = True) -> tuple[ExperimentConfig, Path]:
+def resume_run(
+    target: str | Path, overrides: list[str], require_checkpoint: bool = True,
+) -> tuple[ExperimentConfig, Path]:
     """What ``--resume TARGET`` continues: the run's config (plus overrides) and its local run directory. A URI
     ``<storage>/<run-name>`` is a stored run: its local working copy is ``runs_dir/<run-name>``, which
     :func:`train` fills from storage."""

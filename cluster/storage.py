@@ -9,8 +9,9 @@ from there, so a job retried on a fresh pod continues a run whose first pod, and
 
 A checkpoint in storage is copied file by file under its final name, then the run's metrics, then the checkpoint's
 ``state.json``, then the ``latest`` pointer: a checkpoint is complete when its ``state.json`` is there, and the
-metrics up to it are there by then (a resumed run's history). Not a temporary name and a rename, as on a local disk: object stores have no directory rename (pyarrow's S3 and GCS moves copy and
-delete object by object), so a rename would be neither atomic nor cheap. A writer killed mid-upload leaves a folder
+metrics up to it are there by then (a resumed run's history). Not a temporary name and a rename, as on a local
+disk: object stores have no directory rename (pyarrow's S3 and GCS moves copy and delete object by object), so a
+rename would be neither atomic nor cheap. A writer killed mid-upload leaves a folder
 without ``state.json`` and an unchanged ``latest``: readers skip it, the next upload of that iteration replaces it
 and pruning removes it.
 """

@@ -223,6 +223,7 @@ def test_run_in_storage_resumes_on_a_fresh_machine_and_exports_from_it(tmp_path:
     assert stored_dirs(store / run) == ["iter_000004", "iter_000005", LATEST]
     assert read_state(latest_checkpoint(runs / run / CHECKPOINTS))["iteration"] == 5
 
+    shutil.rmtree(runs)  # export on yet another machine: the checkpoint's own model path (runs/...) is gone too
     assert main(["export", f"file://{store}/{run}", "--out", f"file://{store}/exported"]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -209,7 +209,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # the scorer is an actor of its own
         actor_cpus = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + int(cfg.reward_model.path is not None)
         kwargs["num_cpus"] = cfg.cluster.num_cpus or actor_cpus + cfg.cluster.num_learners + 1
-    ray.init(address=cfg.cluster.address, **kwargs)
+    # "local" rather than None: a head started on this machine by `ray start` (or RAY_ADDRESS) is not joined unasked
+    ray.init(address=cfg.cluster.address or "local", **kwargs)
 
 
 def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False) -> Path:

@@ -11,10 +11,15 @@ from policies.learner import MODULE_ID
 
 
 def export_policy(run_dir: Path, out: Path) -> Path:
-    """Write the policy of ``run_dir``'s latest checkpoint to ``out``; loadable by ``transformers`` and vLLM."""
-    from ray.rllib.core.rl_module.rl_module import RLModule
+    """Write the policy of ``run_dir``'s latest checkpoint to ``out``; loadable by ``transformers`` and vLLM.
 
+    The module is rebuilt from the run's config and initial model (``prepare_policy``, paths on this machine) and
+    its checkpointed state loaded into it: the model paths pickled inside the checkpoint are those of the learner
+    that saved it, on its own node (with remote learners, a copy shipped there: ``cluster.files``).
+    """
     from cluster.run import prepare_policy
+    from policies.learner import TokenGymRLlibConfig
+    from policies.models import load_tokenizer
 
     checkpoint = latest_checkpoint(Path(run_dir) / "checkpoints")
     if checkpoint is None:
@@ -22,13 +27,14 @@ def export_policy(run_dir: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
     cfg = load_config(Path(run_dir) / "config.yaml")
-    module = RLModule.from_checkpoint(str((checkpoint / "learner" / "learner" / "rl_module" / MODULE_ID).resolve()))
+    source = prepare_policy(cfg, Path(run_dir))  # the initial weights (overwritten below) and the tokenizer
+    spec = TokenGymRLlibConfig(algo=cfg.algorithm, policy=cfg.policy, policy_model_path=str(source),
+                               temperature=cfg.rollout.temperature).get_default_rl_module_spec()
+    module = spec.build()
+    module.restore_from_path((checkpoint / "learner" / "learner" / "rl_module" / MODULE_ID).resolve())
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     module.merged_hf_model().save_pretrained(tmp, safe_serialization=True)  # LoRA adapters folded in
-    source = prepare_policy(cfg, Path(run_dir))  # the tokenizer the run trained with
-    from policies.models import load_tokenizer
-
     load_tokenizer(source).save_pretrained(tmp)
     if out.exists():
         out.rmdir()

@@ -36,7 +36,7 @@ def default_node_storage() -> Path:
 
 @dataclass(frozen=True)
 class ShippedFile:
-    """One file of a shipped path: its name relative to the shipped root, its size, and its bytes in the object store."""
+    """One file of a shipped path: its name relative to the shipped root, its size, its bytes in the object store."""
 
     path: str
     size: int

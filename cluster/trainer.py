@@ -63,8 +63,10 @@ class Trainer:
         self.weight_names = weight_names(model_dir)  # tied aliases the engines do not store; Conv1D layouts
         seed_all(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         # Actors read model and data files from copies on their own nodes, shipped once through Ray (cluster/files.py).
+        # Held for the run: their objects must outlive every actor (a restarted one on a new node copies again).
         storage = cfg.cluster.node_storage
         self.policy_files = ship(model_dir, storage)
+        self.actor_env = ship_task_files(cfg.env, storage)
         remote = cfg.cluster.num_learners > 0  # a learner in this process reads the driver's paths
         critic = cfg.policy.critic_model_path
         self.learners = build_learner_group(
@@ -79,7 +81,7 @@ class Trainer:
         self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor, storage)
                              if cfg.reward_model.path is not None else None)
         self.rollouts = RolloutGroup(
-            cfg.rollout.num_actors, ship_task_files(cfg.env, storage), engine, cfg.rollout.num_gpus_per_actor,
+            cfg.rollout.num_actors, self.actor_env, engine, cfg.rollout.num_gpus_per_actor,
             batch_reward=self.reward_model.reward if self.reward_model is not None else None,
             num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor,
         )
@@ -207,7 +209,7 @@ class Trainer:
 def engine_options(
     cfg: ExperimentConfig, model_dir: str | os.PathLike[str], prompt_tokens: int, response_tokens: int
 ) -> EngineOptions:
-    """The rollout actors' vLLM engine settings for ``model_dir`` (a :class:`cluster.files.ShippedPath` on a cluster)."""
+    """The rollout actors' vLLM engine settings for ``model_dir`` (shipped: a :class:`cluster.files.ShippedPath`)."""
     return EngineOptions(
         model_dir=model_dir, dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
         max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,

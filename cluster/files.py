@@ -59,10 +59,8 @@ class ShippedPath:
     def __fspath__(self) -> str:
         return str(local_copy(self))
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # also str(): never the bare driver's path, which would pass for a local one
         return f"ShippedPath({self.name!r}, sha256:{self.digest[:12]})"
-
-    __str__ = __repr__  # never the driver's path, so that str() is not mistaken for a path that exists here
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ShippedPath:
         # Immutable. Copying would re-create its object refs outside Ray's serialization, losing their owner.

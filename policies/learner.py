@@ -55,7 +55,8 @@ class TokenPolicyLearner(TorchLearner):
         spec = self._module_spec
         spec = spec.rl_module_specs[MODULE_ID] if hasattr(spec, "rl_module_specs") else spec
         for key in MODEL_PATH_KEYS:
-            spec.model_config[key] = os.fspath(spec.model_config[key])
+            if spec.model_config.get(key) is not None:
+                spec.model_config[key] = os.fspath(spec.model_config[key])
         return spec.model_config
 
     def configure_optimizers_for_module(self, module_id: ModuleID, config: RLlibAlgorithmConfig = None) -> None:

@@ -77,6 +77,8 @@ class ClusterConfig:
     #   sampling, a weight sync, a score); past it the run stops with an error naming the actor
     max_actor_restarts: int = 3  # times Ray restarts a lost rollout or reward-model actor; it then gets the current
     #   weights back and the lost work is redone (faults/actor_restarts)
+    node_storage: str | None = None  # the directory on every node where actors keep the model and data files the
+    #   driver ships them through Ray; None: <temp dir>/tokengym-<uid>/shipped of each node
 
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0",

@@ -79,6 +79,7 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     for them and stopped afterwards unless it was running already. The engines hold weights version 0."""
     import ray
 
+    from cluster.files import ship, ship_task_files
     from cluster.reward_model import RewardModelServer
     from cluster.rollout import RolloutGroup
     from cluster.run import check_before_ray, init_ray
@@ -91,12 +92,14 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     started_ray = not ray.is_initialized()
     init_ray(cfg)
     supervisor = supervisor_for(cfg)
-    reward_model = RewardModelServer(cfg.reward_model, supervisor) if cfg.reward_model.path is not None else None
+    storage = cfg.cluster.node_storage  # the actors read copies shipped to their nodes (cluster/files.py)
+    reward_model = (RewardModelServer(cfg.reward_model, supervisor, storage) if cfg.reward_model.path is not None
+                    else None)
     group = None
     try:
         group = RolloutGroup(
-            cfg.rollout.num_actors, cfg.env,
-            engine_options(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens),
+            cfg.rollout.num_actors, ship_task_files(cfg.env, storage),
+            engine_options(cfg, ship(model_dir, storage), env.max_prompt_tokens, env.max_response_tokens),
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
             num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor,
         )

@@ -8,11 +8,13 @@ finished responses with one call, and ``reward_model.weight`` x the score is add
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from cluster.config import RewardModelConfig
+from cluster.files import ship
 from cluster.supervision import DEFAULT_TIMEOUT_S, ActorLostError, ActorTimeoutError, Supervisor, first_line
 from textenv import RewardContext
 
@@ -53,19 +55,25 @@ def resolve_label(model_config: Any, label: int | str, path: str | Path) -> int 
 
 class RewardModelScorer:
     """A Ray actor (wrapped with ``ray.remote`` by :class:`RewardModelServer`) scoring texts with a local HF
-    sequence-classification model: the probability of class ``label``, or a regression head's raw output."""
+    sequence-classification model: the probability of class ``label``, or a regression head's raw output.
+
+    ``path`` (``reward_model.path``) names the model in messages; the files are read from ``files`` (the server
+    passes the directory it shipped: :class:`cluster.files.ShippedPath`), or from ``path`` itself when not given.
+    """
 
     def __init__(
-        self, path: str, label: int | str, batch_size: int, dtype: str = "float32", device: str = "cpu"
+        self, path: str, label: int | str, batch_size: int, dtype: str = "float32", device: str = "cpu",
+        files: str | os.PathLike[str] | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.path = check_model_dir(path)
+        self.path = path
+        self.model_dir = check_model_dir(os.fspath(files) if files is not None else path)  # this node's copy
         self.batch_size, self.device = batch_size, torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer.truncation_side = "left"  # an over-long text keeps its end: the response
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=getattr(torch, dtype))
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         config = self.model.config
         self.label = resolve_label(config, label, self.path)
@@ -82,8 +90,8 @@ class RewardModelScorer:
         return "reward model"
 
     def ready(self) -> dict[str, Any]:
-        return {"path": str(self.path), "num_labels": self.model.config.num_labels, "label": self.label,
-                "device": str(self.device)}
+        return {"path": self.path, "model_dir": str(self.model_dir), "num_labels": self.model.config.num_labels,
+                "label": self.label, "device": str(self.device)}
 
     def score(self, texts: list[str]) -> list[float]:
         """One score per text, computed ``batch_size`` texts at a time."""
@@ -163,9 +171,15 @@ class RewardModelReward:
 
 
 class RewardModelServer:
-    """The reward-model scorer started as its own Ray actor, and the reward that the rollout actors call."""
+    """The reward-model scorer started as its own Ray actor, and the reward that the rollout actors call.
 
-    def __init__(self, cfg: RewardModelConfig, supervisor: Supervisor | None = None) -> None:
+    The model directory is shipped to the scorer's node through Ray (:mod:`cluster.files`, kept under
+    ``node_storage``): ``reward_model.path`` need only exist where this server is built.
+    """
+
+    def __init__(
+        self, cfg: RewardModelConfig, supervisor: Supervisor | None = None, node_storage: str | None = None
+    ) -> None:
         import ray
 
         if cfg.path is None:
@@ -173,7 +187,8 @@ class RewardModelServer:
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, **self.supervisor.actor_options())(RewardModelScorer)
-        self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device)
+        self.files = ship(check_model_dir(cfg.path), node_storage)  # kept: a restarted scorer copies from it again
+        self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device, self.files)
         name = scorer_name(cfg.path)
         self.info = self.supervisor.get(self.actor.ready.remote(), name, "start-up")
         self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, path=cfg.path,

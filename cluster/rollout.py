@@ -34,7 +34,8 @@ class StaleWeightsError(RuntimeError):
 class EngineOptions:
     """What a rollout actor's vLLM engine needs (from ``RolloutConfig`` plus the model and sequence limits)."""
 
-    model_dir: str
+    model_dir: str | os.PathLike[str]  # the policy's HF directory (model and tokenizer): a cluster.files.ShippedPath,
+    #   copied to each actor's node; a plain path only where every node has it
     dtype: str
     max_model_len: int
     max_num_seqs: int
@@ -92,6 +93,7 @@ class VLLMRolloutActor:
         from vllm.platforms import current_platform
 
         self.index, self.opts = index, engine
+        self.model_dir = os.fspath(engine.model_dir)  # a shipped directory: its copy on this node, made here if needed
         self._SamplingParams = SamplingParams
         self._started = time.perf_counter()
         self.startup_s: float | None = None
@@ -104,7 +106,7 @@ class VLLMRolloutActor:
                 f"raise it or leave it null"
             )
         self.llm = LLM(
-            model=engine.model_dir, dtype=engine.dtype, enforce_eager=True, seed=engine.seed + index,
+            model=self.model_dir, dtype=engine.dtype, enforce_eager=True, seed=engine.seed + index,
             max_model_len=engine.max_model_len,
             max_num_seqs=min(engine.max_num_seqs, budget or engine.max_num_seqs),  # a step holds <= budget sequences
             gpu_memory_utilization=engine.gpu_memory_utilization, enable_chunked_prefill=self.chunked_prefill,
@@ -120,7 +122,7 @@ class VLLMRolloutActor:
         ).unwrapped
         self._env_pool: list[TokenEnv] = []
         self.weights_version = 0
-        self._weight_names = set(weight_names(engine.model_dir).names)
+        self._weight_names = set(weight_names(self.model_dir).names)
 
     def __repr__(self) -> str:  # how Ray's errors and log prefixes name this actor
         return f"rollout actor {self.index}"
@@ -140,7 +142,7 @@ class VLLMRolloutActor:
             self.startup_s = time.perf_counter() - self._started
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         return {"index": self.index, "startup_s": self.startup_s, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(),
+                "node": ray.util.get_node_ip_address(), "model_dir": self.model_dir,
                 "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens}
 
     # ------------------------------------------------------------------------------------------- weights
@@ -156,7 +158,7 @@ class VLLMRolloutActor:
         missing = sorted(self._weight_names - set(named_arrays))
         if unknown or missing:  # refuse before touching the engine
             raise ValueError(
-                f"weights do not match the rollout model {self.opts.model_dir}: unknown {unknown[:3]} "
+                f"weights do not match the rollout model {self.model_dir}: unknown {unknown[:3]} "
                 f"({len(unknown)}), missing {missing[:3]} ({len(missing)}); tied aliases such as lm_head.weight "
                 f"must be left out (hf_weights(..., tied=weight_names(dir).tied))"
             )

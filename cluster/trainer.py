@@ -7,6 +7,7 @@ and ``train`` wraps it with logging and checkpoints.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from cluster.checkpoint import read_rng, read_state, save_checkpoint
 from cluster.config import ExperimentConfig
 from cluster.evaluation import Evaluator
+from cluster.files import ship, ship_task_files
 from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
 from cluster.supervision import Supervisor
@@ -60,18 +62,26 @@ class Trainer:
         )
         self.weight_names = weight_names(model_dir)  # tied aliases the engines do not store; Conv1D layouts
         seed_all(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
+        # Actors read model and data files from copies on their own nodes, shipped once through Ray (cluster/files.py).
+        # Held for the run: their objects must outlive every actor (a restarted one on a new node copies again).
+        storage = cfg.cluster.node_storage
+        self.policy_files = ship(model_dir, storage)
+        self.actor_env = ship_task_files(cfg.env, storage)
+        remote = cfg.cluster.num_learners > 0  # a learner in this process reads the driver's paths
+        critic = cfg.policy.critic_model_path
         self.learners = build_learner_group(
-            cfg.algorithm, cfg.policy, str(model_dir), cfg.cluster.num_learners, cfg.cluster.num_gpus_per_learner,
-            temperature=cfg.rollout.temperature, seed=cfg.seed,  # remote learner k: cfg.seed + k
+            cfg.algorithm, cfg.policy, self.policy_files if remote else str(model_dir), cfg.cluster.num_learners,
+            cfg.cluster.num_gpus_per_learner, temperature=cfg.rollout.temperature, seed=cfg.seed,  # learner k: seed + k
+            critic_model_path=ship(critic, storage) if remote and critic is not None else None,
         )
-        engine = engine_options(cfg, model_dir, prompt_tokens, response_tokens)
+        engine = engine_options(cfg, self.policy_files, prompt_tokens, response_tokens)
         # Deadlines and restarts of the rollout and reward-model actors; the loop below stays free of them.
         self.supervisor = supervisor_for(cfg)
         # The reward model starts first: every rollout actor's environment calls it.
-        self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor)
+        self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor, storage)
                              if cfg.reward_model.path is not None else None)
         self.rollouts = RolloutGroup(
-            cfg.rollout.num_actors, cfg.env, engine, cfg.rollout.num_gpus_per_actor,
+            cfg.rollout.num_actors, self.actor_env, engine, cfg.rollout.num_gpus_per_actor,
             batch_reward=self.reward_model.reward if self.reward_model is not None else None,
             num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor,
         )
@@ -196,10 +206,12 @@ class Trainer:
         self.learners.shutdown()
 
 
-def engine_options(cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int) -> EngineOptions:
-    """The rollout actors' vLLM engine settings for ``model_dir``."""
+def engine_options(
+    cfg: ExperimentConfig, model_dir: str | os.PathLike[str], prompt_tokens: int, response_tokens: int
+) -> EngineOptions:
+    """The rollout actors' vLLM engine settings for ``model_dir`` (shipped: a :class:`cluster.files.ShippedPath`)."""
     return EngineOptions(
-        model_dir=str(model_dir), dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
+        model_dir=model_dir, dtype=cfg.rollout.dtype, max_model_len=prompt_tokens + response_tokens,
         max_num_seqs=min(256, cfg.batch_size), temperature=cfg.rollout.temperature,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule, response_lo
 from policies.rng import get_rng_state, seed_all, set_rng_state
 
 MODULE_ID = "default_policy"
+MODEL_PATH_KEYS = ("model_path", "critic_model_path")  # the module's model_config entries naming HF directories
 
 
 class TokenPolicyLearner(TorchLearner):
@@ -35,12 +37,27 @@ class TokenPolicyLearner(TorchLearner):
     def build(self) -> None:
         if self.config.learner_seed is not None:  # before the module is built: its value head draws from torch
             seed_all(self.config.learner_seed + self._learner_index)
+        model_config = self._local_model_paths()
         super().build()
         algo: AlgorithmConfig = self.config.algo
         self._ref_lm = None
         if algo.kl_coef > 0:  # a frozen copy of the starting policy; never loaded when the KL is off
-            self._ref_lm = load_causal_lm(self.config.policy_model_path).to(self._device).eval()
+            self._ref_lm = load_causal_lm(model_config["model_path"]).to(self._device).eval()
             self._ref_lm.requires_grad_(False)
+
+    def _local_model_paths(self) -> dict[str, Any]:
+        """The module's ``model_config``, its model directories turned into paths on this learner's node.
+
+        The driver hands remote learners path-likes (``cluster.files.ShippedPath``: ``os.fspath`` copies the files
+        to this node); plain paths stay as they are. Done before the module is built, so that the module, and the
+        checkpoints that pickle its config, hold plain paths.
+        """
+        spec = self._module_spec
+        spec = spec.rl_module_specs[MODULE_ID] if hasattr(spec, "rl_module_specs") else spec
+        for key in MODEL_PATH_KEYS:
+            if spec.model_config.get(key) is not None:
+                spec.model_config[key] = os.fspath(spec.model_config[key])
+        return spec.model_config
 
     def configure_optimizers_for_module(self, module_id: ModuleID, config: RLlibAlgorithmConfig = None) -> None:
         params = [p for p in self.get_parameters(self._module[module_id]) if p.requires_grad]  # LoRA: adapters only
@@ -239,11 +256,14 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
     """RLlib's AlgorithmConfig carrying our typed sections to every Learner (local or remote)."""
 
     def __init__(self, algo: AlgorithmConfig | None = None, policy: PolicyConfig | None = None,
-                 policy_model_path: str | None = None, temperature: float = 1.0, learner_seed: int | None = None):
+                 policy_model_path: str | os.PathLike[str] | None = None, temperature: float = 1.0,
+                 learner_seed: int | None = None, critic_model_path: str | os.PathLike[str] | None = None):
         super().__init__()
         self.algo = algo or AlgorithmConfig()
         self.policy = policy or PolicyConfig()
         self.policy_model_path = policy_model_path
+        # A separate critic's initial trunk: this path-like, else policy.critic_model_path, else the policy's.
+        self.critic_model_path = critic_model_path or self.policy.critic_model_path or policy_model_path
         self.temperature = temperature  # the rollouts' sampling temperature: log-probs, entropy and KL use logits / T
         self.learner_seed = learner_seed  # learner k seeds its process with learner_seed + k (None: left as is)
 
@@ -260,17 +280,22 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
             action_space=gym.spaces.Discrete(2),
             model_config={
                 "model_path": self.policy_model_path, "value_head": self.policy.value_head, "lora": self.policy.lora_spec(),
-                "critic": self.policy.critic, "critic_model_path": self.policy.critic_model_path or self.policy_model_path,
+                "critic": self.policy.critic, "critic_model_path": self.critic_model_path,
                 "temperature": self.temperature, "logits_chunk_tokens": self.algo.logits_chunk_tokens,
             },
         )
 
 
 def build_learner_group(
-    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str, num_learners: int, num_gpus_per_learner: float,
-    temperature: float = 1.0, seed: int | None = None,
+    algo: AlgorithmConfig, policy: PolicyConfig, model_path: str | os.PathLike[str], num_learners: int,
+    num_gpus_per_learner: float, temperature: float = 1.0, seed: int | None = None,
+    critic_model_path: str | os.PathLike[str] | None = None,
 ) -> Any:
     """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process).
+
+    ``model_path`` (the policy, also the frozen reference) and ``critic_model_path`` (a separate critic's trunk;
+    default ``policy.critic_model_path``, else the policy) are paths or path-likes that each learner resolves on its
+    own node with ``os.fspath``: the driver ships them to remote learners (``cluster.files``).
 
     ``temperature`` is the rollouts' sampling temperature (``rollout.temperature``): the learner evaluates the policy
     vLLM samples from, softmax(logits / T), for the policy and the reference alike. With ``seed`` and remote
@@ -279,7 +304,7 @@ def build_learner_group(
     """
     learner_seed = seed if num_learners > 0 else None
     cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature,
-                              learner_seed=learner_seed)
+                              learner_seed=learner_seed, critic_model_path=critic_model_path)
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())

@@ -76,9 +76,12 @@ class Evaluator:
 @contextlib.contextmanager
 def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     """Rollout actors (and the reward model, if any) serving ``model_dir`` with ``cfg``'s environment; Ray is started
-    for them and stopped afterwards unless it was running already. The engines hold weights version 0."""
+    for them and stopped afterwards unless it was running already. The engines hold weights version 0. They are
+    placed as a run's are (``cluster/placement.py``: the same bundles, without the learners').
+    """
     import ray
 
+    from cluster.placement import Placement, plan_placement
     from cluster.reward_model import RewardModelServer
     from cluster.rollout import RolloutGroup
     from cluster.run import check_before_ray, init_ray
@@ -91,14 +94,16 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     started_ray = not ray.is_initialized()
     init_ray(cfg)
     supervisor = supervisor_for(cfg)
-    reward_model = RewardModelServer(cfg.reward_model, supervisor) if cfg.reward_model.path is not None else None
-    group = None
+    placement = Placement(plan_placement(cfg, learners=False), cfg.cluster.actor_timeout_s, name="tokengym:eval")
+    reward_model = group = None
     try:
+        reward_model = (RewardModelServer(cfg.reward_model, supervisor, placement)
+                        if cfg.reward_model.path is not None else None)
         group = RolloutGroup(
             cfg.rollout.num_actors, cfg.env,
             engine_options(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens),
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
-            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor, placement=placement,
         )
         yield group
     finally:
@@ -106,6 +111,7 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
             group.shutdown()
         if reward_model is not None:
             reward_model.shutdown()
+        placement.remove()
         if started_ray:
             ray.shutdown()
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.config import RewardModelConfig
 from cluster.supervision import DEFAULT_TIMEOUT_S, ActorLostError, ActorTimeoutError, Supervisor, first_line
 from textenv import RewardContext
+
+if TYPE_CHECKING:
+    from cluster.placement import Placement
 
 
 def scorer_name(path: str | Path) -> str:
@@ -163,9 +166,12 @@ class RewardModelReward:
 
 
 class RewardModelServer:
-    """The reward-model scorer started as its own Ray actor, and the reward that the rollout actors call."""
+    """The reward-model scorer started as its own Ray actor (in its bundle of the run's ``placement`` group, when
+    given), and the reward that the rollout actors call."""
 
-    def __init__(self, cfg: RewardModelConfig, supervisor: Supervisor | None = None) -> None:
+    def __init__(
+        self, cfg: RewardModelConfig, supervisor: Supervisor | None = None, placement: Placement | None = None,
+    ) -> None:
         import ray
 
         if cfg.path is None:
@@ -173,7 +179,8 @@ class RewardModelServer:
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, **self.supervisor.actor_options())(RewardModelScorer)
-        self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device)
+        options = placement.reward_model_options() if placement is not None else {}
+        self.actor = actor_cls.options(**options).remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device)
         name = scorer_name(cfg.path)
         self.info = self.supervisor.get(self.actor.ready.remote(), name, "start-up")
         self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, path=cfg.path,

@@ -4,6 +4,7 @@ GPU while the learner updates."""
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,16 @@ import torch
 from cluster.config import ConfigError, ExperimentConfig, build_config, load_config
 from cluster.placement import Bundle, plan_placement, unplaced_reason
 from cluster.run import required_resources
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def config(**sections: dict) -> ExperimentConfig:
@@ -112,8 +123,13 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
     from cluster.run import train
     from cluster.tracking import read_metrics
 
-    temp_dir = tempfile.mkdtemp(prefix="tgpg-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
+    # Its own temp dir (short: Ray's socket paths have a length limit) and ports: other Rays may run on this machine.
+    gcs, dashboard, client, agent, runtime_env, metrics, export = free_ports(7)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, temp_dir=tempfile.mkdtemp(prefix="tgpg-", dir="/tmp"), include_dashboard=True,  # the state API
+        gcs_server_port=gcs, dashboard_port=dashboard, ray_client_server_port=client, dashboard_agent_listen_port=agent,
+        runtime_env_agent_port=runtime_env, metrics_agent_port=metrics, metrics_export_port=export,
+    ))
     rollout_node = cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
     learner_node = cluster.add_node(num_cpus=1, resources={"learner_node": 1})
     try:
@@ -131,14 +147,19 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
         assert [r["iteration"] for r in rows] == [1, 2, 3] and [r["weights/version"] for r in rows] == [2, 3, 4]
         (group,) = [g for g in ray.util.placement_group_table().values() if g["name"] == f"tokengym:{run.name}"]
         assert group["state"] == "REMOVED" and group["strategy"] == "PACK"
-        actors = list_actors(filters=[("placement_group_id", "=", group["placement_group_id"])], detail=True,
-                             limit=1000)
+        actors = list_actors(address=f"http://127.0.0.1:{dashboard}", detail=True, limit=1000,
+                             filters=[("placement_group_id", "=", group["placement_group_id"])])
         engines = [a for a in actors if a.class_name == "VLLMRolloutActor"]
         learners = [a for a in actors if a.class_name != "VLLMRolloutActor"]
         assert len(engines) == 2 and {a.node_id for a in engines} == {rollout_node.node_id}
-        assert all(a.required_resources == {"CPU": 1.0, "rollout_node": 1.0} for a in engines)
+        # Ray names a resource reserved in a group "<name>_group_<bundle>_<group id>" ("<name>_group_<group id>": any
+        # bundle): engine i asked for its pool's resource in its own bundle, the learner for its pool's.
+        pg = group["placement_group_id"]
+        assert {f"rollout_node_group_{i}_{pg}" for i in (0, 1)} == {
+            name for a in engines for name in a.required_resources if name.startswith("rollout_node_group_")} - {
+            f"rollout_node_group_{pg}"}
         assert len(learners) == 1 and learners[0].node_id == learner_node.node_id, [a.class_name for a in actors]
-        assert learners[0].required_resources == {"CPU": 1.0, "learner_node": 1.0}
+        assert f"learner_node_group_{pg}" in learners[0].required_resources
         assert all(a.state == "DEAD" for a in actors)
         # It learned, across nodes: every update moved the policy, and the engines sampled with the learner's weights.
         assert all(r["losses/approx_kl"] > 0 for r in rows) and max(r["rollout/logprob_gap"] for r in rows) < 1e-3
@@ -146,3 +167,35 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ colocated
+@pytest.mark.gpu
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_colocated_engines_sleep_on_a_gpu_and_wake_with_the_pushed_weights(ray_session, tiny_model_dir: Path) -> None:
+    """An engine that sleeps frees its KV cache (and weights) on the GPU; the next weight push wakes it, and it
+    samples exactly as before with the same weights."""
+    from dataclasses import replace
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from cluster.rollout import RolloutGroup
+    from policies.models import weight_names
+    from tests.cluster.test_rollout import ENV, engine
+
+    group = RolloutGroup(1, ENV, replace(engine(tiny_model_dir), sleep_mode=True), 0.3)
+    try:
+        before = group.sample(8, 1, seed=5, version=0)
+        free, total = torch.cuda.mem_get_info()
+        group.sleep()
+        assert torch.cuda.mem_get_info()[0] - free > 0.1 * total  # most of its 0.3 of the GPU is back
+        names = set(weight_names(tiny_model_dir).names)
+        weights = {k: v for k, v in load_file(tiny_model_dir / "model.safetensors").items() if k in names}
+        group.load_weights(weights, version=1)  # wakes it, with these weights
+        after = group.sample(8, 1, seed=5, version=1)
+        np.testing.assert_array_equal(after["response_ids"], before["response_ids"])
+    finally:
+        group.shutdown()

@@ -90,14 +90,15 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where Ray runs and how the learners are placed."""
+    """Where Ray runs, and how the run's actors are placed on its nodes (one placement group per run)."""
 
     address: str | None = None  # None: a local Ray; "auto": the cluster this process runs in
     num_cpus: int | None = None  # for a local Ray; default: enough for every actor and learner
     num_learners: int = 0  # 0: one learner in the driver process; N: N data-parallel learner actors
     num_gpus_per_learner: float = 0.0  # Ray GPUs per learner (NCCL between them when > 0)
     actor_timeout_s: float = 1800.0  # the longest wait for one call to a rollout or reward-model actor (start-up,
-    #   sampling, a weight sync, a score); past it the run stops with an error naming the actor
+    #   sampling, a weight sync, a score), and for the cluster to place the run's placement group; past it the run
+    #   stops with an error naming the actor (or what the cluster lacks)
     max_actor_restarts: int = 3  # times Ray restarts a lost rollout or reward-model actor; it then gets the current
     #   weights back and the lost work is redone (faults/actor_restarts)
     placement: Literal["disaggregated", "colocated"] = "disaggregated"  # how the run's placement group bundles its

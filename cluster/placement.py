@@ -67,6 +67,12 @@ class PlacementPlan:
         bundle = self.bundles[index]
         return f"{' + '.join(bundle.members)} {format_resources(bundle.resources)}"
 
+    def summary(self) -> str:
+        """The plan as YAML comment lines (``tokengym train --dry-run`` prints them under the config)."""
+        lines = [f"# the run's placement group ({self.strategy}), reserved on Ray before any actor starts:"]
+        lines += [f"#   bundle {i}: {self.describe(i)}" for i in range(len(self.bundles))]
+        return "\n".join(lines)
+
 
 def add(*parts: Mapping[str, float], times: Sequence[int] | None = None) -> Resources:
     """The sum of resource dicts (``times[i]`` copies of ``parts[i]``), zero amounts left out (Ray rejects none, but

@@ -459,8 +459,7 @@ class RolloutGroup:
         # A reward model that lives in an actor of its own (Restartable): its restarts are waited for too.
         self.pool = ActorPool(
             [actor_cls.options(**options(i)).remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)],
-            supervisor,
-            "rollout actor", restore=self._restore,
+            supervisor, "rollout actor", restore=self._restore,
             dependency=batch_reward if isinstance(batch_reward, Restartable) else None,
         )
         self.actors = self.pool.actors

@@ -4,9 +4,12 @@ GPU while the learner updates."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -125,8 +128,9 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
 
     # Its own temp dir (short: Ray's socket paths have a length limit) and ports: other Rays may run on this machine.
     gcs, dashboard, client, agent, runtime_env, metrics, export = free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="tgpg-", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=0, temp_dir=tempfile.mkdtemp(prefix="tgpg-", dir="/tmp"), include_dashboard=True,  # the state API
+        num_cpus=0, temp_dir=temp_dir, include_dashboard=True,  # the dashboard serves the state API
         gcs_server_port=gcs, dashboard_port=dashboard, ray_client_server_port=client, dashboard_agent_listen_port=agent,
         runtime_env_agent_port=runtime_env, metrics_agent_port=metrics, metrics_export_port=export,
     ))
@@ -152,14 +156,18 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
         engines = [a for a in actors if a.class_name == "VLLMRolloutActor"]
         learners = [a for a in actors if a.class_name != "VLLMRolloutActor"]
         assert len(engines) == 2 and {a.node_id for a in engines} == {rollout_node.node_id}
-        # Ray names a resource reserved in a group "<name>_group_<bundle>_<group id>" ("<name>_group_<group id>": any
-        # bundle): engine i asked for its pool's resource in its own bundle, the learner for its pool's.
+        # Ray asks for a resource reserved in bundle i of group G as "<name>_group_<i>_<G>" (any bundle of G:
+        # "<name>_group_<G>"): each engine in a bundle of its own, the learner (RLlib gives no index) in the group.
         pg = group["placement_group_id"]
-        assert {f"rollout_node_group_{i}_{pg}" for i in (0, 1)} == {
-            name for a in engines for name in a.required_resources if name.startswith("rollout_node_group_")} - {
-            f"rollout_node_group_{pg}"}
+
+        def bundles(actor: Any) -> tuple[int, ...]:
+            found = (re.fullmatch(rf"\w+_group_(\d+)_{pg}", name) for name in actor.required_resources)
+            return tuple(sorted({int(m.group(1)) for m in found if m}))
+
+        assert sorted(bundles(a) for a in engines) == [(0,), (1,)]
+        assert all(f"rollout_node_group_{pg}" in a.required_resources for a in engines)
         assert len(learners) == 1 and learners[0].node_id == learner_node.node_id, [a.class_name for a in actors]
-        assert f"learner_node_group_{pg}" in learners[0].required_resources
+        assert f"learner_node_group_{pg}" in learners[0].required_resources and bundles(learners[0]) == ()
         assert all(a.state == "DEAD" for a in actors)
         # It learned, across nodes: every update moved the policy, and the engines sampled with the learner's weights.
         assert all(r["losses/approx_kl"] > 0 for r in rows) and max(r["rollout/logprob_gap"] for r in rows) < 1e-3
@@ -167,6 +175,7 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ colocated

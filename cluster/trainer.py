@@ -20,6 +20,7 @@ from cluster.checkpoint import read_rng, read_state, save_checkpoint
 from cluster.config import ExperimentConfig
 from cluster.evaluation import Evaluator
 from cluster.files import ship, ship_task_files
+from cluster.placement import Placement, plan_placement
 from cluster.reward_model import RewardModelServer
 from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
 from cluster.supervision import Supervisor
@@ -48,12 +49,13 @@ class Trainer:
     """The Ray side of one run: the vLLM rollout actors and the RLlib LearnerGroup, and the iteration over them.
 
     ``data`` (for a dataset task) is the run's cursor over the rows: the driver hands each iteration's rows to the
-    actors, so the run serves its data in epochs, and the cursor is part of every checkpoint.
+    actors, so the run serves its data in epochs, and the cursor is part of every checkpoint. Every actor runs in
+    the run's placement group (``cluster/placement.py``), named ``name`` on Ray.
     """
 
     def __init__(
         self, cfg: ExperimentConfig, model_dir: Path, prompt_tokens: int, response_tokens: int,
-        data: EpochOrder | None = None,
+        data: EpochOrder | None = None, name: str = "tokengym",
     ) -> None:
         self.cfg, self.data = cfg, data
         self.weights_version = 0
@@ -67,26 +69,40 @@ class Trainer:
         storage = cfg.cluster.node_storage
         self.policy_files = ship(model_dir, storage)
         self.actor_env = ship_task_files(cfg.env, storage)
+        # Every actor's resources reserved at once (or a PlacementError naming what is missing).
+        self.placement = Placement(plan_placement(cfg), cfg.cluster.actor_timeout_s, name=name)
+        try:
+            self._start_actors(cfg, engine_options(cfg, self.policy_files, prompt_tokens, response_tokens), model_dir)
+        except BaseException:
+            self.placement.remove()  # else a Ray session that outlives this trainer keeps the resources reserved
+            raise
+        # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
+        self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
+
+    def _start_actors(self, cfg: ExperimentConfig, engine: EngineOptions, model_dir: Path) -> None:
+        """The reward model, the rollout actors and the learners, each in its bundle of the placement group.
+
+        The reward model starts first: every rollout actor's environment calls it. The learners start last: RLlib
+        puts each learner in any bundle with room, which is a learner's own only once the others hold theirs.
+        """
+        storage = cfg.cluster.node_storage
+        # Deadlines and restarts of the rollout and reward-model actors; the loop below stays free of them.
+        self.supervisor = supervisor_for(cfg)
+        self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor, self.placement, storage)
+                             if cfg.reward_model.path is not None else None)
+        self.rollouts = RolloutGroup(
+            cfg.rollout.num_actors, self.actor_env, engine, cfg.rollout.num_gpus_per_actor,
+            batch_reward=self.reward_model.reward if self.reward_model is not None else None,
+            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor, placement=self.placement,
+        )
         remote = cfg.cluster.num_learners > 0  # a learner in this process reads the driver's paths
         critic = cfg.policy.critic_model_path
         self.learners = build_learner_group(
             cfg.algorithm, cfg.policy, self.policy_files if remote else str(model_dir), cfg.cluster.num_learners,
             cfg.cluster.num_gpus_per_learner, temperature=cfg.rollout.temperature, seed=cfg.seed,  # learner k: seed + k
             critic_model_path=ship(critic, storage) if remote and critic is not None else None,
+            placement_group=self.placement.group, resources_per_learner=cfg.cluster.learner_resources,
         )
-        engine = engine_options(cfg, self.policy_files, prompt_tokens, response_tokens)
-        # Deadlines and restarts of the rollout and reward-model actors; the loop below stays free of them.
-        self.supervisor = supervisor_for(cfg)
-        # The reward model starts first: every rollout actor's environment calls it.
-        self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor, storage)
-                             if cfg.reward_model.path is not None else None)
-        self.rollouts = RolloutGroup(
-            cfg.rollout.num_actors, self.actor_env, engine, cfg.rollout.num_gpus_per_actor,
-            batch_reward=self.reward_model.reward if self.reward_model is not None else None,
-            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor,
-        )
-        # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
-        self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -101,6 +117,7 @@ class Trainer:
                 seed=iteration_seed(self.cfg.seed, iteration), version=self.weights_version, rows=rows,
             )
         batch = build_batch(rollouts)
+        self.rollouts.sleep()  # colocated on GPUs: the engines free their memory for the learners until the sync
         with timed(t, "logprobs"):
             batch.update(self.rollout_stats(batch))
         with timed(t, "advantages"):
@@ -204,6 +221,7 @@ class Trainer:
         if self.reward_model is not None:
             self.reward_model.shutdown()
         self.learners.shutdown()
+        self.placement.remove()
 
 
 def engine_options(
@@ -216,6 +234,7 @@ def engine_options(
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,
         max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
+        sleep_mode=cfg.cluster.placement == "colocated" and cfg.cluster.num_gpus_per_learner > 0,
     )
 
 

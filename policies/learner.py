@@ -289,7 +289,8 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
 def build_learner_group(
     algo: AlgorithmConfig, policy: PolicyConfig, model_path: str | os.PathLike[str], num_learners: int,
     num_gpus_per_learner: float, temperature: float = 1.0, seed: int | None = None,
-    critic_model_path: str | os.PathLike[str] | None = None,
+    critic_model_path: str | os.PathLike[str] | None = None, placement_group: Any = None,
+    resources_per_learner: dict[str, float] | None = None,
 ) -> Any:
     """An RLlib LearnerGroup of ``num_learners`` TokenPolicyLearners (0: one learner in this process).
 
@@ -301,10 +302,15 @@ def build_learner_group(
     vLLM samples from, softmax(logits / T), for the policy and the reference alike. With ``seed`` and remote
     learners, learner ``k`` seeds its process's generators with ``seed + k``; a local learner shares the caller's
     process, whose generators the caller seeds.
+
+    ``placement_group`` (a Ray placement group) holds the learner actors, each in a bundle with room for it (RLlib
+    gives no bundle index), and is removed by RLlib when the group shuts down; ``resources_per_learner`` are custom
+    Ray resources each learner actor asks for (e.g. ``{"learner_node": 1}``).
     """
     learner_seed = seed if num_learners > 0 else None
     cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature,
                               learner_seed=learner_seed, critic_model_path=critic_model_path)
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
-    cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner)
-    return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec())
+    cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner,
+                 custom_resources_per_learner=resources_per_learner or {})
+    return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec(), placement_group=placement_group)

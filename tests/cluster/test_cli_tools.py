@@ -64,6 +64,7 @@ def test_dry_run_checks_prints_and_does_not_train(capsys: pytest.CaptureFixture,
     assert text.startswith("# ") and "dry run" in text.split("\n\n")[0]
     cfg = build_config(yaml.safe_load(text))
     assert cfg == load_config(REPO / "configs" / "grpo.yaml", [f"runs_dir={tmp_path}", "seed=3"])
+    assert text.endswith("#   bundle 0: rollout actor 0 {CPU: 1}\n#   bundle 1: rollout actor 1 {CPU: 1}\n")  # placement
     assert list(tmp_path.iterdir()) == []  # no run directory
 
 

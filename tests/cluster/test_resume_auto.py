@@ -56,7 +56,8 @@ class FakeTrainer:
     restored_from: list[int] = []
     ran: list[int] = []
 
-    def __init__(self, cfg: Any, model_dir: Path, prompt_tokens: int, response_tokens: int, data: Any = None) -> None:
+    def __init__(self, cfg: Any, model_dir: Path, prompt_tokens: int, response_tokens: int, data: Any = None,
+                 name: str = "tokengym") -> None:
         self.cfg, self.weights_version = cfg, 0
 
     def sync_weights(self) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,7 @@ import torch
 from cluster.config import ConfigError, ExperimentConfig, build_config, load_config
 from cluster.placement import Bundle, plan_placement, unplaced_reason
 from cluster.run import required_resources
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from tests.ports import free_ports
 
 
 def config(**sections: dict) -> ExperimentConfig:

@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import psutil
 import pytest
 
 from cluster.tracking import read_metrics
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
@@ -39,16 +39,6 @@ def readme_recipe() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     block = text[text.index(MARKER):].split("```bash\n", 1)[1].split("```", 1)[0]
     return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def http(url: str, token: str | None = None) -> tuple[int, str]:

@@ -193,6 +193,7 @@ def run_workload(model: str, model_dir: Path, prompts: int, new_tokens: int, arg
         f"env.task_kwargs={{length: {P - 1}, letters: {LETTERS}}}", f"env.max_response_tokens={new_tokens}",
         f"rollout.prompts_per_iteration={prompts}", f"rollout.samples_per_prompt={n}", "rollout.dtype=bfloat16",
         f"rollout.num_cpus_per_actor={T}", f"algorithm.minibatch_size={prompts * n}", f"policy.model_path={model_dir}",
+        f"rollout.seeded_sampling={str(not args.unseeded).lower()}",
     ])
     opts = engine_options(cfg, model_dir, P, new_tokens)
     opts = replace(opts, fixed_length=True)
@@ -252,7 +253,8 @@ def run_workload(model: str, model_dir: Path, prompts: int, new_tokens: int, arg
     ours = names[0]
     lines = [f"model {model} ({hf_settings['params'] / 1e6:.1f}M params, vocab {env.action_space.n:,}, {opts.dtype}), "
           f"{prompts} prompts x {n} samples, {P} prompt + {new_tokens} new tokens ({expected:,} generated per batch), "
-          f"{T} thread(s) per system, median of {args.rounds} rounds"]
+          f"{T} thread(s) per system, {'unseeded' if args.unseeded else 'seeded per request'}, "
+          f"median of {args.rounds} rounds"]
     for name in names:
         secs = statistics.median(res["seconds"] for res in results[name])
         line = f"  {name:20s} {med[name]:>9,.0f} tokens/s  {secs:8.3f} s/batch"
@@ -299,6 +301,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPUs (torch threads) of every system")
     parser.add_argument("--actors", type=int, nargs="+", default=[1], help="tokengym rows: rollout actors each")
+    parser.add_argument("--unseeded", action="store_true",
+                        help="rollout.seeded_sampling=false (tokengym and raw vLLM): no per-request generators")
     parser.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     args = parser.parse_args()
     if args.actors[0] != 1:

@@ -259,9 +259,10 @@ def run_workload(model: str, model_dir: Path, prompts: int, new_tokens: int, arg
         secs = statistics.median(res["seconds"] for res in results[name])
         line = f"  {name:20s} {med[name]:>9,.0f} tokens/s  {secs:8.3f} s/batch"
         if name.startswith("tokengym"):
-            gen = statistics.median(res["generate_s"] for res in results[name])
-            rep = statistics.median(res["replay_s"] for res in results[name])
-            line += f"  (vLLM generate {gen:.3f} s, env replay {rep:.3f} s, rest {secs - gen - rep:.3f} s)"
+            gen, rep, rest = (statistics.median(part(res) for res in results[name]) for part in (
+                lambda res: res["generate_s"], lambda res: res["replay_s"],
+                lambda res: res["seconds"] - res["generate_s"] - res["replay_s"]))
+            line += f"  (vLLM generate {gen:.3f} s, env replay {rep:.3f} s, rest {rest:.3f} s)"
         lines.append(line)
     ratios = {}
     for key, other in (("vllm", "raw vLLM"), ("hf", "HF generate")):

@@ -311,8 +311,10 @@ def main() -> None:
     import ray
 
     load_before = os.getloadavg()
-    ray.init(num_cpus=args.threads * (sum(args.actors) + 2),  # every system's actors exist at once include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    # A Ray of its own ("local"), never a cluster another process started on this machine; every system's actors
+    # exist at once.
+    ray.init(address="local", num_cpus=args.threads * (sum(args.actors) + 2), include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:

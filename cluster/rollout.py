@@ -50,6 +50,8 @@ class EngineOptions:
     chunked_prefill: str = "auto"  # RolloutConfig.chunked_prefill: auto | on | off
     max_num_batched_tokens: int | None = None  # vLLM's per-step token budget; None: vLLM's default
     sleep_mode: bool = False  # colocated with a GPU learner: the engine can sleep (vLLM's sleep mode, where available)
+    fixed_length: bool = False  # every response runs to its token limit (EOS and stop tokens masked: vLLM's
+    #   min_tokens); bench/rollout.py compares systems on equal work with it
 
 
 def derive_seed(*parts: int) -> int:
@@ -407,9 +409,10 @@ class VLLMRolloutActor:
         """Training's sampling (rollout temperature, seeded per ``rollout.seeded_sampling``) unless overridden."""
         seeded = self.opts.seeded_sampling if seeded is None else seeded
         return self._SamplingParams(
-            max_tokens=max_tokens, temperature=self.opts.temperature if temperature is None else temperature,
-            logprobs=0, stop_token_ids=stop_token_ids or [self.tokenizer.eos_token_id],
-            seed=seed if seeded else None, detokenize=False,
+            max_tokens=max_tokens, min_tokens=max_tokens if self.opts.fixed_length else 0,
+            temperature=self.opts.temperature if temperature is None else temperature, logprobs=0,
+            stop_token_ids=stop_token_ids or [self.tokenizer.eos_token_id], seed=seed if seeded else None,
+            detokenize=False,
         )
 
 

@@ -104,7 +104,9 @@ def test_an_unplaced_group_says_what_is_missing() -> None:
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.e2e
-def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_frees_the_group(tmp_path: Path) -> None:
+def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_frees_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A head with no CPUs (the driver only), a rollout node and a learner node, each with its custom resource: the
     run's engines and its learner actor run on their pool's node, inside the run's placement group, which is gone
     once the run has finished."""
@@ -116,6 +118,7 @@ def test_a_run_on_three_nodes_places_engines_and_learner_in_their_pools_and_free
     from cluster.run import train
     from cluster.tracking import read_metrics
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Ray's state client would take it over the address given below
     # Its own temp dir (short: Ray's socket paths have a length limit) and ports: other Rays may run on this machine.
     gcs, dashboard, client, agent, runtime_env, metrics, export = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="tgpg-", dir="/tmp")

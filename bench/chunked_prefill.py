@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny_policy(
             Path(tmp) / "m", alphabet="abcdefgh=", seed=0, arch="llama", hidden_size=512, num_layers=8, num_heads=8,

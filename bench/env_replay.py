@@ -57,7 +57,7 @@ def replay_vs_generation(rounds: int = 10) -> tuple[float, float]:
     cfg = load_config()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = prepare_policy(cfg, Path(tmp))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         engine = EngineOptions(str(model_dir), "float32", 11, 256, 1.0, 1, 0.3, True, 0)
         group = RolloutGroup(1, cfg.env, engine, 0)
         gen, rep = [], []

@@ -91,7 +91,8 @@ class RawVLLM:
 
         self.opts = opts
         self.llm = LLM(
-            model=opts.model_dir, dtype=opts.dtype, enforce_eager=True, seed=opts.seed, max_model_len=opts.max_model_len,
+            model=os.fspath(opts.model_dir), dtype=opts.dtype, enforce_eager=True, seed=opts.seed,
+            max_model_len=opts.max_model_len,
             max_num_seqs=opts.max_num_seqs, gpu_memory_utilization=opts.gpu_memory_utilization,
             enable_chunked_prefill=use_chunked_prefill(opts.chunked_prefill, opts.seeded_sampling,
                                                        current_platform.is_cpu()),

@@ -150,7 +150,7 @@ def report(layouts: list[Layout], results: dict[Layout, list[dict[str, Any]]], m
            ) -> list[str]:
     """The per-layout table, the ratios against the first layout and the projection inputs, as printed lines."""
     base = layouts[0]
-    lines = [f"{'layout':28s} {'s/iter':>7s} {'rollout':>8s} {'logprobs':>8s} {'update':>7s} {'w_sync':>7s} "
+    lines = [f"  {'layout':28s} {'s/iter':>7s} {'rollout':>8s} {'logprobs':>8s} {'update':>7s} {'w_sync':>7s} "
              f"{'rest':>6s} {'rollout tok/s':>13s} {'update tok/s':>12s}   vs {base}: iteration, rollout, update"]
     for layout in layouts:
         m = med[layout]
@@ -159,7 +159,7 @@ def report(layouts: list[Layout], results: dict[Layout, list[dict[str, Any]]], m
             ratio = med[base][col] / m[col] if faster else m[col] / med[base][col]
             rounds = paired(results[layout], results[base], col, faster)
             cells.append(f"{ratio:.2f}x ({min(rounds):.2f}-{max(rounds):.2f})")
-        lines.append(f"  {layout.name:26s} {m['iteration']:7.3f} {m['rollout']:8.3f} {m['logprobs']:8.3f} "
+        lines.append(f"  {layout.name:28s} {m['iteration']:7.3f} {m['rollout']:8.3f} {m['logprobs']:8.3f} "
                      f"{m['update']:7.3f} {m['weight_sync']:7.3f} {m['rest']:6.3f} {m['rollout tok/s']:13,.0f} "
                      f"{m['update tok/s']:12,.0f}   {', '.join(cells)}")
     lines += projection_inputs(layouts, med)
@@ -175,6 +175,9 @@ def projection_inputs(layouts: list[Layout], med: dict[Layout, dict[str, float]]
     lines = ["projection inputs:", f"  shares of the {layouts[0]} iteration ({total:.3f} s): {shares}",
              f"  serial share (weight_sync + rest) {serial:.1%}: no number of engines and learners makes this "
              f"synchronous loop more than {1 / serial:.1f}x faster (Amdahl)"]
+    overlapped = max(base["rollout"], total - base["rollout"])
+    lines.append(f"  rollouts overlapped with the rest of the iteration (an async loop, one step stale): "
+                 f"max(rollout, the rest) = {overlapped:.3f} s, {total / overlapped:.2f}x at the most")
     for layout in layouts[1:]:
         m = med[layout]
         if layout.learners == 1:
@@ -254,7 +257,7 @@ def main() -> None:
                     run = run_layout(configs[layout], layout, model_dir, env, args.warmup, args.iterations)
                     results[layout].append(run)
                     its = [m["timing/iteration_s"] for m in run["rows"]]
-                    print(f"round {r + 1}: {layout.name:26s} started in {run['start_s']:5.1f} s, "
+                    print(f"round {r + 1}: {layout.name:28s} started in {run['start_s']:5.1f} s, "
                           f"{statistics.median(its):.3f} s/iteration, threads {run['threads']}", flush=True)
                 now = time.perf_counter()
                 if args.max_minutes is not None and now - began + (now - round_began) > args.max_minutes * 60:

@@ -7,7 +7,7 @@ process (``cluster.num_learners=0``, the default config's), L >= 2 is L DDP lear
 gloo on CPU). Each layout is a real ``cluster.trainer.Trainer`` of the config (default: configs/default.yaml, the
 tiny Llama on reverse-5-letters PPO, 256 prompts per iteration), built as ``tokengym train`` builds it, in one local
 Ray sized for the largest layout. It runs ``--warmup`` iterations that are not counted and ``--iterations`` timed
-ones, from the same initial weights and seeds, and is shut down. Starting a layout takes 20-40 s, so the layouts
+ones, from the same initial weights and seeds, and is shut down. Starting a layout takes 25-55 s, so the layouts
 cannot alternate iteration by iteration; instead every round runs each layout once, in an order that rotates from
 round to round (the shared machine's noise hits each alike), and a layout's number is the median over rounds of its
 per-round median. Ratios are against the first layout (``1x1``), with the range of the per-round paired ratios.

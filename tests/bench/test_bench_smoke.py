@@ -14,23 +14,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_script(*args: str, timeout: float = 600) -> str:
+    """Run ``python ARGS`` from the repository root; its stdout, after asserting it exited with 0."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_memory_monitor_refresh_ms": "0"}
+    # A session of its own: on a timeout the Ray processes the script started (GCS, raylet, actors) go too.
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_rollout_bench_prints_its_ratio_table() -> None:
     """bench/rollout.py on the tiny model, 4 prompts x 8 samples x 8 tokens, one round: every system generated
     exactly that many tokens (the script refuses otherwise) and the table compares them."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_memory_monitor_refresh_ms": "0"}
-    # A session of its own: on a timeout the Ray processes the script started (GCS, raylet, actors) go too.
-    proc = subprocess.Popen(
-        [sys.executable, "bench/rollout.py", "--models", "tiny", "--shapes", "4x8", "--rounds", "1"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    out = run_script("bench/rollout.py", "--models", "tiny", "--shapes", "4x8", "--rounds", "1")
     assert "4 prompts x 8 samples, 16 prompt + 8 new tokens (256 generated per batch)" in out
     for system in ("tokengym, 1 actor", "raw vLLM", "HF generate"):
         rate = re.search(rf"^  {re.escape(system)} +([\d,]+) tokens/s", out, re.M)
@@ -38,3 +42,24 @@ def test_rollout_bench_prints_its_ratio_table() -> None:
     for other in ("raw vLLM", "HF generate"):
         assert re.search(rf"tokengym, 1 actor / {other}: \d+\.\d\dx", out), out
     assert re.search(r"^\| tiny \| 4x8 \| [\d,]+ \| [\d,]+ \| [\d,]+ \| \d+\.\d\dx \| \d+\.\d\dx \|$", out, re.M), out
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_scaling_bench_prints_its_layout_table() -> None:
+    """bench/scaling.py with its smallest layout (1 rollout actor, the driver's learner), one timed iteration of the
+    default config at 64 prompts: every phase was timed, each process used the one thread the table claims, and the
+    table and the projection inputs are printed."""
+    out = run_script("bench/scaling.py", "--layouts", "1x1", "--rounds", "1", "--warmup", "0", "--iterations", "1",
+                     "--set", "rollout.prompts_per_iteration=64")
+    assert "64 prompts x 1 samples per iteration, global minibatch 64, 4 epochs" in out, out
+    assert "threads {'engines': [1], 'learners': [1]}" in out, out
+    numbers = r" +".join([r"(\d+\.\d{3})"] * 6) + r" +([\d,]+) +([\d,]+) "
+    row = re.search(r"^  1 actor, 1 learner \(driver\) +" + numbers, out, re.M)
+    assert row, out
+    rollout, logprobs, update, sync, rest = (float(row.group(k)) for k in range(2, 7))
+    assert min(rollout, logprobs, update, sync) > 0 and rest >= 0, out
+    assert int(row.group(7).replace(",", "")) > 0 and int(row.group(8).replace(",", "")) > 0, out
+    assert re.search(r"serial share \(weight_sync \+ rest\) \d+\.\d%: .* more than \d+\.\dx faster", out), out
+    table_row = r"^\| 1 actor, 1 learner \(driver\) \|( \d+\.\d{3} \|){5} [\d,]+ \| [\d,]+ \|( 1\.00x \|){3}$"
+    assert re.search(table_row, out, re.M), out

@@ -20,6 +20,22 @@ REVERSE_ALPHABET = "abcdefgh="
 REAL_SHAPED = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_positions=128)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also run the long tier (tests marked slow: longer variants of what the default suite checks)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` are skipped, with the reason shown, unless ``--slow`` is given (``pytest --slow -m slow``
+    runs only them). Each one is a longer variant of something a default-tier test already checks."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="long tier: run with pytest --slow -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init tiny Llama with the reverse task's character tokenizer, saved in HF format."""

@@ -26,6 +26,10 @@ LEARNS = {
     "reinforce.yaml": (40, 0.45),
     "guess_number.yaml": (40, 0.3),
 }
+# In the long tier (pytest --slow): default.yaml is also trained by the default tier's
+# tests/cluster/test_e2e.py::test_short_default_run_learns_and_records_everything; grpo.yaml stands for the
+# critic-free family there.
+LONG_TIER = {"default.yaml", "rloo.yaml", "reinforce.yaml", "guess_number.yaml"}
 NOT_RUN_HERE = {
     "gpu.yaml": "needs CUDA GPUs",
     "ppo.yaml": "the same experiment as default.yaml (checked by test_ppo_is_the_default_experiment)",
@@ -47,7 +51,7 @@ def test_ppo_is_the_default_experiment() -> None:
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.e2e
-@pytest.mark.parametrize("config", sorted(LEARNS))
+@pytest.mark.parametrize("config", [pytest.param(c, marks=[pytest.mark.slow] if c in LONG_TIER else []) for c in sorted(LEARNS)])
 def test_shipped_config_learns(config: str, tmp_path: Path) -> None:
     iterations, bar = LEARNS[config]
     env = {**os.environ, "WANDB_MODE": "disabled"}

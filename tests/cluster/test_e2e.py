@@ -184,6 +184,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> None:
     assert latest_checkpoint(run / "checkpoints") is not None and len(read_metrics(run)) < 200
 
 
+@pytest.mark.slow  # test_resumed_run_matches_an_uninterrupted_run checks the same, and more, in the default tier
 def test_runs_repeat_per_seed(tmp_path: Path) -> None:
     histories = []
     for name in ("a", "b"):
@@ -218,8 +219,11 @@ RESUME_CASES = {
     "two-learners": lambda tmp: ["cluster.num_learners=2"],
 }
 
+SLOW_RESUME_CASES = {"two-learners"}  # the long tier: DDP's own determinism is checked by tests/cluster/test_ddp.py
 
-@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=[pytest.mark.slow] if case in SLOW_RESUME_CASES else [])
+                                  for case in sorted(RESUME_CASES)])
 def test_resumed_run_matches_an_uninterrupted_run(case: str, tmp_path: Path) -> None:
     small = ["rollout.num_actors=1", "rollout.prompts_per_iteration=32", "algorithm.minibatch_size=8",
              "algorithm.num_epochs=2", "tracking.wandb=false", "checkpoint_every=3", "seed=5",

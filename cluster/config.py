@@ -77,9 +77,16 @@ class RolloutConfig:
     #   raised to the longest prompt + response when chunked prefill is off). Activation memory grows with it.
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rollout actor, e.g.
     #   {rollout_node: 1}: the engines go only to nodes started with them (ray start --resources='{"rollout_node": 4}')
+    max_staleness: int = 0  # 0: synchronous (sample, then update, then sync). k >= 1: the engines generate up to k
+    #   batches ahead while the learner updates; no sample is used more than k weight versions after the one it was
+    #   sampled with (rollout/staleness). Pair it with algorithm.off_policy (decoupled or truncated_is)
+    chunks_per_actor: int = 1  # each iteration's prompts go out in num_actors x this chunks, each to whichever
+    #   actor is free next (dynamic dispatch); > 1 keeps a slow actor from stalling the iteration, at the cost of
+    #   smaller engine batches. Results do not depend on which actor runs a chunk (its seeds are the chunk's)
 
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {
+            "max_staleness": ">=0", "chunks_per_actor": ">=1",
             "num_actors": ">=1", "prompts_per_iteration": ">=1", "samples_per_prompt": ">=1", "kv_cache_gib": ">=1",
             "max_num_batched_tokens": ">=1", "num_cpus_per_actor": ">=1",
             "temperature": ">0", "gpu_memory_utilization": "(0,1]", "num_gpus_per_actor": ">=0",
@@ -261,6 +268,12 @@ class ExperimentConfig:
                     f"cluster.num_gpus_per_learner + {per_learner} x rollout.num_gpus_per_actor = {gpus:g} GPUs; make "
                     "it at most 1 or a whole number (e.g. 0.5 + 2 x 0.25 = 1)"
                 )
+        if rollout.max_staleness > 0 and cluster.placement == "colocated" and (
+                cluster.num_gpus_per_learner + rollout.num_gpus_per_actor > 0):
+            raise ValueError(
+                f"rollout.max_staleness={rollout.max_staleness} generates during the update, but colocated GPU engines "
+                "sleep then: use cluster.placement=disaggregated, or max_staleness=0"
+            )
         batch = rollout.prompts_per_iteration * rollout.samples_per_prompt
         shards = max(1, self.cluster.num_learners)
         if batch % (shards * algo.minibatch_size):

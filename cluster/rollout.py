@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from cluster.console import tag
+from cluster.dispatch import Dispatcher, RolloutJob, merge_chunks
 from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died
 from policies.models import weight_names
 from textenv import (
@@ -196,12 +197,14 @@ class VLLMRolloutActor:
     # ------------------------------------------------------------------------------------------- sampling
     def sample(
         self, num_prompts: int, samples_per_prompt: int, seed: int, expected_version: int,
-        rows: Sequence[int] | None = None,
+        rows: Sequence[int] | None = None, newer_ok: bool = False,
     ) -> dict[str, Any]:
         """Draw ``num_prompts`` problems (seeded), sample ``samples_per_prompt`` responses each, score them.
 
         ``rows`` (a dataset task only: :class:`textenv.DatasetTask`) poses those rows instead of drawing problems;
         the driver chooses them so that a run serves its data in epochs. ``seed`` still seeds the sampling.
+        The engine must hold weights ``expected_version`` (or, with ``newer_ok``, any later version: asynchronous
+        rollouts); the version it used is returned as ``weights_version``.
 
         Returns fixed-shape arrays (rows of one prompt are consecutive): ``prompt_ids`` (N, P) left-padded,
         ``response_ids``/``action_mask``/``sampling_logp``/``rewards`` (N, R) right-padded, ``response_length``
@@ -209,7 +212,7 @@ class VLLMRolloutActor:
         ``action_mask`` is 0 at a multi-turn environment's reply tokens. ``examples``: up to ``EXAMPLES_PER_ACTOR``
         rollouts spread over the batch, each a dict of prompt, response (decoded) and reward (the episode's return).
         """
-        self._check_version(expected_version)
+        self._check_version(expected_version, newer_ok)
         env = self.env
         if rows is not None and (not isinstance(env.task, DatasetTask) or len(rows) != num_prompts):
             raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts of {env.task!r}; only a "
@@ -284,8 +287,8 @@ class VLLMRolloutActor:
         rows = [(s, p, seed + i) for i, (s, p) in enumerate(zip(samples, prompts))]
         return self._play(rows, temperature=temperature, seeded=True)[0]
 
-    def _check_version(self, expected_version: int) -> None:
-        if self.weights_version != expected_version:
+    def _check_version(self, expected_version: int, newer_ok: bool = False) -> None:
+        if self.weights_version != expected_version and not (newer_ok and self.weights_version > expected_version):
             raise StaleWeightsError(
                 f"rollout actor {self.index} holds weights version {self.weights_version}, asked for {expected_version}"
             )
@@ -469,47 +472,65 @@ class RolloutGroup:
         )
         self.actors = self.pool.actors
         self.info = self.pool.start()
+        # Sampling goes through the dispatcher's thread: chunks to free actors, also while the driver updates.
+        self.dispatcher = Dispatcher(self.pool, state_lost=lambda err: isinstance(err, StaleWeightsError)
+                                     and self.version != 0)
 
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
-        """Push the same weights to every actor (one copy in the object store) and wait for all of them."""
+        """Push the same weights to every actor (one copy in the object store) and wait for all of them.
+
+        An actor busy with a chunk loads them after it (an actor runs one call at a time): never mid-sequence.
+        """
         import ray
 
         ref = ray.put(named_arrays)
-        self._weights_ref, self.version = ref, version  # what an actor restarted from now on is given back
-        versions = self.pool.call(f"load_weights (version {version})", lambda i, a: a.load_weights.remote(ref, version))
+        with self.pool.lock:  # a restarted actor is given these weights from now on, not the previous ones
+            self._weights_ref, self.version = ref, version
+            versions = self.pool.call(f"load_weights (version {version})",
+                                      lambda i, a: a.load_weights.remote(ref, version))
         if any(v != version for v in versions):
             raise StaleWeightsError(f"weight sync to version {version} failed: actors report {versions}")
 
     def sample(
         self, num_prompts: int, samples_per_prompt: int, seed: int, version: int, rows: Sequence[int] | None = None,
+        chunks_per_actor: int = 1,
     ) -> dict[str, Any]:
-        """Split the prompts over the actors, sample everywhere at once, and merge the results in actor order.
+        """:meth:`submit`, then wait: every sequence sampled with weights ``version`` exactly."""
+        job = self.submit(num_prompts, samples_per_prompt, seed, version, rows, chunks_per_actor=chunks_per_actor)
+        return self.collect(job, exact=True)
 
-        ``rows`` (one dataset row index per prompt, chosen by the driver) are split the same way: each actor poses
-        its consecutive share, so no row goes to two actors. If an actor is lost, the whole sampling is redone
-        after its restart with the same seeds and rows: the same batch, once.
+    def submit(
+        self, num_prompts: int, samples_per_prompt: int, seed: int, version: int, rows: Sequence[int] | None = None,
+        chunks_per_actor: int = 1, newer_ok: bool = False,
+    ) -> RolloutJob:
+        """Queue a batch: ``num_actors x chunks_per_actor`` chunks of consecutive prompts, each sampled by whichever
+        actor is free next (:class:`cluster.dispatch.Dispatcher`), with weights ``version`` (or later, with
+        ``newer_ok``). Chunk ``c`` draws its problems and seeds its requests as :func:`actor_seed` ``(seed, c)``;
+        ``rows`` (one dataset row index per prompt, chosen by the driver) are split the same way, so no row goes to
+        two chunks. A lost actor's chunk is redone after its restart with the same seeds and rows: the same batch,
+        once. :meth:`collect` waits for the result.
         """
-        chunks = np.array_split(np.arange(num_prompts), len(self.actors))
         if rows is not None and len(rows) != num_prompts:
             raise ValueError(f"rows: {len(rows)} row indices for {num_prompts} prompts; give one per prompt")
-        used = [i for i, c in enumerate(chunks) if len(c) > 0]
-        parts = self.pool.call("sample", lambda i, a: a.sample.remote(
-            len(chunks[i]), samples_per_prompt, actor_seed(seed, i), version,
-            rows=None if rows is None else [int(rows[k]) for k in chunks[i]],
-        ), used, state_lost=self._lost_weights(version))
-        stale = [p["weights_version"] for p in parts if p["weights_version"] != version]
-        if stale:  # defence in depth: the actors already refuse, but a batch must never mix versions
-            raise StaleWeightsError(f"rollouts sampled with weights {stale}, expected version {version}")
-        merged = {k: np.concatenate([p[k] for p in parts]) for k, v in parts[0].items() if isinstance(v, np.ndarray)}
-        merged.update(
-            weights_version=version,
-            generated_tokens=sum(p["generated_tokens"] for p in parts),
-            reward_errors=sum(p["reward_errors"] for p in parts),
-            generate_s=max(p["generate_s"] for p in parts),
-            replay_s=max(p["replay_s"] for p in parts),
-            batch_reward_s=max(p["batch_reward_s"] for p in parts),
-            examples=[e for p in parts for e in p["examples"]],
-        )
+        chunks = [c for c in np.array_split(np.arange(num_prompts), len(self.actors) * chunks_per_actor) if len(c)]
+
+        def call(actor: Any, c: int) -> Any:
+            return actor.sample.remote(
+                len(chunks[c]), samples_per_prompt, actor_seed(seed, c), version,
+                rows=None if rows is None else [int(rows[k]) for k in chunks[c]], newer_ok=newer_ok,
+            )
+
+        return self.dispatcher.submit(RolloutJob("sample", len(chunks), call))
+
+    def collect(self, job: RolloutJob, exact: bool = False) -> dict[str, Any]:
+        """A submitted batch, merged in chunk order (:func:`cluster.dispatch.merge_chunks`); ``sample_version`` holds
+        each sequence's weight version, ``weights_version`` the oldest of them."""
+        parts, served_by = job.result()
+        merged = merge_chunks(parts, served_by, len(self.actors), EXAMPLES_PER_ACTOR * len(self.actors))
+        versions = sorted({int(p["weights_version"]) for p in parts})
+        if exact and len(versions) > 1:  # defence in depth: the actors already refuse, but never mix versions
+            raise StaleWeightsError(f"rollouts sampled with weights {versions}, expected one version")
+        merged["weights_version"] = versions[0]
         return merged
 
     def sleep(self) -> None:
@@ -546,6 +567,7 @@ class RolloutGroup:
     def shutdown(self) -> None:
         import ray
 
+        self.dispatcher.stop()
         for a in self.actors:
             ray.kill(a)  # no_restart=True: a shut-down actor stays down
         self.actors = []

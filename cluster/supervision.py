@@ -18,6 +18,7 @@ Ray is imported inside the functions: the CLI imports this module for its error 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -193,6 +194,9 @@ class ActorPool:
         self.actors, self.supervisor, self.kind = list(actors), supervisor, kind
         self.restore, self.dependency = restore, dependency
         self.info: list[dict[str, Any]] = [{} for _ in self.actors]
+        # Held while an actor is recovered and while the run's state is pushed: the rollout dispatcher's thread and
+        # the caller's may both meet the same lost actor, and a restored actor must get the newest state.
+        self.lock = threading.RLock()
 
     def name(self, index: int) -> str:
         """How errors name actor ``index``: its kind and number, and its process and node once it has started."""
@@ -220,13 +224,14 @@ class ActorPool:
         indices = list(range(len(self.actors))) if indices is None else list(indices)
         # Ray bounds the restarts of each actor; this bounds the redos even if an actor kept failing the same way.
         for _ in range(1 + (len(self.actors) + 1) * (self.supervisor.max_restarts + 1)):
+            pids = {i: self.info[i].get("pid") for i in indices}
             refs = [submit(i, self.actors[i]) for i in indices]
             outcomes = self.supervisor.gather(refs, [self.name(i) for i in indices], what,
                                               [self.label(i) for i in indices])
             lost = [i for i, o in zip(indices, outcomes) if o.lost]
             dependency = self.dependency is not None and any(lost_dependency(o.error) for o in outcomes)
             idle = [i for i, o in zip(indices, outcomes) if state_lost is not None and o.error is not None
-                    and not o.lost and state_lost(o.error) and self._restarted_while_idle(i)]
+                    and not o.lost and state_lost(o.error) and self.recover_if_restarted(i)]
             if not (lost or dependency or idle):
                 for o in outcomes:
                     if o.error is not None:
@@ -235,11 +240,28 @@ class ActorPool:
             if dependency:
                 self.dependency.wait_restarted(self.supervisor)
             for i in lost:
-                self.info[i] = self.supervisor.wait_restarted(self.actors[i], self.name(i))
-            for i in lost + idle:
-                if self.restore is not None:
-                    self.restore(i)
+                self.recover(i, pids[i])
         raise ActorLostError(f"{self.kind}s kept failing during {what}; giving up")
+
+    def recover(self, index: int, pid: Any) -> None:
+        """Actor ``index`` was lost during a call sent while it ran as process ``pid``: wait for Ray's restart and
+        give it the run's state back, unless that was done already (by another thread: the rollout dispatcher)."""
+        with self.lock:
+            if self.info[index].get("pid") != pid:
+                return  # recovered since the call was sent
+            self.info[index] = self.supervisor.wait_restarted(self.actors[index], self.name(index))
+            if self.restore is not None:
+                self.restore(index)
+
+    def recover_if_restarted(self, index: int) -> bool:
+        """Whether actor ``index`` runs in a new process since it last answered (Ray restarted it between calls);
+        if so it gets the run's state back. Counted as a restart."""
+        with self.lock:
+            if not self._restarted_while_idle(index):
+                return False
+            if self.restore is not None:
+                self.restore(index)
+            return True
 
     def _restarted_while_idle(self, index: int) -> bool:
         """Whether actor ``index`` runs in a new process since it last answered: Ray restarted it between calls.

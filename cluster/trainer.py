@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,8 @@ from cluster.evaluation import Evaluator
 from cluster.files import ship, ship_task_files
 from cluster.placement import Placement, plan_placement
 from cluster.reward_model import RewardModelServer
-from cluster.rollout import EngineOptions, RolloutGroup, derive_seed, unwrap_ray_errors
+from cluster.dispatch import RolloutJob
+from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError, derive_seed, unwrap_ray_errors
 from cluster.supervision import Supervisor
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
 from policies.columns import (
@@ -32,7 +34,7 @@ from policies.columns import (
 from policies.learner import (
     MODULE_ID, build_learner_group, group_rollout_stats, hf_weights, learner_rng_states, set_learner_rng_states,
 )
-from policies.losses import KL_ESTIMATORS
+from policies.losses import KL_ESTIMATORS, behaviour_weights
 from policies.models import weight_names
 from policies.rng import get_rng_state, seed_all, set_rng_state
 from textenv import EpochOrder
@@ -76,6 +78,8 @@ class Trainer:
         except BaseException:
             self.placement.remove()  # else a Ray session that outlives this trainer keeps the resources reserved
             raise
+        # Batches queued on the engines: (iteration, job, the data cursor before its rows), oldest first.
+        self.pending: deque[tuple[int, RolloutJob, dict[str, Any] | None]] = deque()
         # Problems drawn before training starts, from a seed stream of their own (cluster/evaluation.py).
         self.evaluator = Evaluator(cfg.env, cfg.eval, cfg.seed) if cfg.eval.every > 0 else None
 
@@ -106,22 +110,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """One iteration; its metrics, and a few of its rollouts (prompt, response, reward) for the samples table."""
+        """One iteration; its metrics, and a few of its rollouts (prompt, response, reward) for the samples table.
+
+        With ``rollout.max_staleness = k > 0`` the batches of the next ``k`` iterations are queued on the engines
+        with this one (:meth:`submit_rollouts`), so they generate while this iteration's update runs.
+        """
         t: dict[str, float] = {}
         start = time.perf_counter()
-        n = self.cfg.rollout.prompts_per_iteration
-        rows = self.data.take(n) if self.data is not None else None
-        with timed(t, "rollout"):
-            rollouts = self.rollouts.sample(
-                n, self.cfg.rollout.samples_per_prompt,
-                seed=iteration_seed(self.cfg.seed, iteration), version=self.weights_version, rows=rows,
-            )
+        k = self.cfg.rollout.max_staleness
+        self.submit_rollouts(iteration)
+        queued, job, _ = self.pending.popleft()
+        assert queued == iteration, (queued, iteration)
+        with timed(t, "rollout"):  # with k > 0: only the wait for a batch that was mostly generated already
+            rollouts = self.rollouts.collect(job, exact=k == 0)
+        staleness = self.weights_version - rollouts["sample_version"]
+        if int(staleness.max()) > k:  # the dispatch order makes this impossible; a batch must never break the bound
+            raise StaleWeightsError(f"iteration {iteration}: samples {int(staleness.max())} versions old, "
+                                    f"more than rollout.max_staleness={k}")
         batch = build_batch(rollouts)
         self.rollouts.sleep()  # colocated on GPUs: the engines free their memory for the learners until the sync
         with timed(t, "logprobs"):
             batch.update(self.rollout_stats(batch))
         with timed(t, "advantages"):
             adv_metrics = self.add_advantages(batch)
+        adv_metrics.update({"rollout/staleness": float(staleness.mean()), "rollout/staleness_max": int(staleness.max())})
         with timed(t, "update"):
             losses = self.update(batch, iteration)
         with timed(t, "weight_sync"):
@@ -129,10 +141,28 @@ class Trainer:
         t["timing/iteration_s"] = time.perf_counter() - start
         trained = float(batch[ATTENTION_MASK].sum()) * self.cfg.algorithm.num_epochs
         data = {"data/epoch": self.data.progress} if self.data is not None else {}
+        t["timing/engines_busy_s"] = rollouts["busy_s"] / self.cfg.rollout.num_actors  # per engine, this batch's
         metrics = {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
                    "throughput/update_tokens_per_s": trained / t["timing/update_s"],
                    "weights/version": self.weights_version, "faults/actor_restarts": self.supervisor.take_restarts()}
         return metrics, rollouts["examples"]
+
+    def submit_rollouts(self, iteration: int) -> None:
+        """Queue the batches of ``iteration`` up to ``iteration + rollout.max_staleness`` (not past the run's last)
+        that are not queued yet, in order. Each is sampled with the weights the engines hold when a chunk starts:
+        at least the version pushed now, which the learner will be at most ``max_staleness`` versions past when it
+        uses the batch. A dataset task's rows are taken now; the cursor from before them is kept for checkpoints.
+        """
+        n, rollout = self.cfg.rollout.prompts_per_iteration, self.cfg.rollout
+        last = min(iteration + rollout.max_staleness, self.cfg.iterations)
+        nxt = self.pending[-1][0] + 1 if self.pending else iteration
+        for it in range(max(nxt, iteration), last + 1):
+            cursor = self.data.state() if self.data is not None else None
+            rows = self.data.take(n) if self.data is not None else None
+            job = self.rollouts.submit(n, rollout.samples_per_prompt, iteration_seed(self.cfg.seed, it),
+                                       self.weights_version, rows, chunks_per_actor=rollout.chunks_per_actor,
+                                       newer_ok=rollout.max_staleness > 0)
+            self.pending.append((it, job, cursor))
 
     def evaluate(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The ``eval/`` metrics of the policy the engines hold now (greedy accuracy and reward, pass@k), and its
@@ -159,6 +189,12 @@ class Trainer:
         adv, returns = ADVANTAGES[algo.advantage](rewards, values, mask, self.adv_params)
         if algo.normalize_advantages:
             adv = whiten(adv, mask)
+        # Off-policy correction (algorithm.off_policy): each token's policy term weighted by pi_old / pi_sampling.
+        weights, stats = behaviour_weights(torch.from_numpy(batch[OLD_LOGP]), torch.from_numpy(batch[SAMPLING_LOGP]),
+                                           mask, algo.off_policy, algo.is_cap)
+        if algo.off_policy != "none":
+            adv = adv * weights
+        metrics.update({"rollout/is_weight_mean": stats["is_weight_mean"], "rollout/is_clipfrac": stats["is_clipfrac"]})
         batch[ADV], batch[RETURNS] = adv.float().numpy(), returns.float().numpy()
         if self.cfg.policy.value_head:
             m = mask.bool()
@@ -196,8 +232,8 @@ class Trainer:
     def save(self, root: Path, iteration: int, extra: dict[str, Any]) -> Path:
         """A checkpoint: learner state, counters, the data cursor, and every process's random generator states."""
         state = {"weights_version": self.weights_version, **extra}
-        if self.data is not None:
-            state["data"] = self.data.state()
+        if self.data is not None:  # before the rows of batches already queued (rollout.max_staleness > 0)
+            state["data"] = self.pending[0][2] if self.pending else self.data.state()
         rng = {"driver": get_rng_state(), "learners": learner_rng_states(self.learners)}
         return save_checkpoint(root, iteration, self.learners, state, self.cfg.keep_checkpoints, rng=rng)
 

@@ -96,6 +96,11 @@ class AlgorithmConfig:
     kl_coef: float = 0.0  # KL to a frozen reference policy; 0 loads no reference at all
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # see policies/losses.py for what each estimates
     kl_in: Literal["reward", "loss"] = "loss"  # the KL penalty goes into the per-token reward or into the loss
+    off_policy: Literal["none", "truncated_is", "decoupled"] = "none"  # correction for samples drawn by other
+    #   weights than the learner's (rollout.max_staleness > 0; also the engines' numerics), with w = pi_learner /
+    #   pi_sampling per token: truncated_is scales each token's loss by min(w, is_cap); decoupled (decoupled PPO:
+    #   behaviour = the sampling policy, proximal = the learner's) scales it by w and drops tokens with w > is_cap
+    is_cap: float = 2.0  # off_policy's bound on the importance weight (truncated_is: cap; decoupled: drop above)
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
@@ -107,7 +112,7 @@ class AlgorithmConfig:
         check_ranges("algorithm", self, {
             "lr": ">0", "adam_eps": ">0", "num_epochs": ">=1", "minibatch_size": ">=1", "clip_ratio": ">0", "clip_ratio_high": ">0",
             "value_clip": ">0", "vf_coef": ">=0", "entropy_coef": ">=0", "gamma": "[0,1]", "lam": "[0,1]",
-            "grad_clip": ">0", "micro_batch_tokens": ">=1", "logits_chunk_tokens": ">=1", "kl_coef": ">=0",
+            "grad_clip": ">0", "micro_batch_tokens": ">=1", "logits_chunk_tokens": ">=1", "kl_coef": ">=0", "is_cap": ">0",
         })
         if self.objective == "vanilla_pg" and self.num_epochs > 1:
             raise ValueError(

@@ -106,3 +106,34 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     #      E_pi[(1 - r) grad log pi] = -E_pi_ref[grad log pi] is the gradient of the forward KL(pi_ref || pi).
     "k3": lambda logp, ref_logp: torch.exp(ref_logp - logp) - (ref_logp - logp) - 1.0,
 }
+
+
+def behaviour_weights(
+    old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, mode: str, cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-token weights that correct for samples drawn by another policy than the learner's (off-policy).
+
+    ``w = pi_old / pi_sampling = exp(old_logp - sampling_logp)``: ``old_logp`` from the learner before the update
+    (the proximal policy, PPO's ratio is taken against it), ``sampling_logp`` from the engine that drew the token
+    (the behaviour policy, a few weight versions older with ``rollout.max_staleness > 0``). ``mode``:
+
+    - ``none``: weights of 1 (the statistics still describe the mismatch);
+    - ``truncated_is``: ``min(w, cap)``, truncated importance sampling (Espeholt et al., 2018; verl's TIS);
+    - ``decoupled``: ``w``, and 0 where ``w > cap`` (decoupled PPO, Hilton et al., 2021, with AReaL's cap).
+
+    The weight multiplies each token's policy term; applied to the advantages it does exactly that for ppo_clip
+    (``min(r wA, clip(r) wA) = w min(r A, clip(r) A)`` for ``w >= 0``) and vanilla_pg. Returns the (B, R) weights (0
+    outside ``mask``) and their statistics over the masked tokens: ``is_weight_mean`` (of ``w`` itself) and
+    ``is_clipfrac`` (the share of tokens with ``w > cap``: truncated or dropped).
+    """
+    w = torch.exp(old_logp - sampling_logp) * mask
+    over = (w > cap) & (mask > 0)
+    n = mask.sum().clamp(min=1)
+    stats = {"is_weight_mean": float(w.sum() / n), "is_clipfrac": float(over.sum() / n)}
+    if mode == "none":
+        return mask.clone(), stats
+    if mode == "truncated_is":
+        return torch.clamp(w, max=cap), stats
+    if mode == "decoupled":
+        return torch.where(over, torch.zeros_like(w), w), stats
+    raise ValueError(f"algorithm.off_policy must be none, truncated_is or decoupled; got {mode!r}")

@@ -424,3 +424,35 @@ def test_ppo_clip_higher_by_hand() -> None:
     _, inside = ppo_clip(torch.tensor([[math.log(1.25)]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
                          torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), (0.2, 0.28), "token_mean")
     assert inside["clipfrac"].item() == 0.0
+
+
+def test_behaviour_weights_by_hand() -> None:
+    from policies.losses import behaviour_weights
+
+    # w = exp(old - sampling) per token: 1, e^0.5 = 1.6487, e^1 = 2.7183 (over cap 2), e^-1 = 0.3679; last is padding.
+    old = torch.tensor([[0.0, 0.5, 1.0], [-1.0, 0.0, 5.0]])
+    sampling = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    e = math.exp
+    w_none, stats = behaviour_weights(old, sampling, mask, "none", 2.0)
+    assert torch.equal(w_none, mask)
+    assert stats["is_weight_mean"] == pytest.approx((1 + e(0.5) + e(1) + e(-1)) / 4)
+    assert stats["is_clipfrac"] == pytest.approx(1 / 4)  # e^5 is padding: not counted
+    w_tis, _ = behaviour_weights(old, sampling, mask, "truncated_is", 2.0)
+    assert torch.allclose(w_tis, torch.tensor([[1.0, e(0.5), 2.0], [e(-1), 0.0, 0.0]]))
+    w_dec, _ = behaviour_weights(old, sampling, mask, "decoupled", 2.0)
+    assert torch.allclose(w_dec, torch.tensor([[1.0, e(0.5), 0.0], [e(-1), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="algorithm.off_policy"):
+        behaviour_weights(old, sampling, mask, "bogus", 2.0)
+
+
+def test_weighting_the_advantages_weights_each_tokens_ppo_term() -> None:
+    """w >= 0 per token, applied to the advantages, gives w * min(r A, clip(r) A) token by token: the decoupled
+    objective, also where the clipped branch is active."""
+    torch.manual_seed(0)
+    logp, old = torch.randn(4, 6) * 0.3, torch.randn(4, 6) * 0.3
+    adv, w, mask = torch.randn(4, 6), torch.rand(4, 6) * 2, (torch.rand(4, 6) > 0.2).float()
+    loss, _ = ppo_clip(logp, old, adv * w, mask, 0.2, "token_mean")
+    ratio = torch.exp(logp - old)
+    per_token = -w * torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+    assert loss.item() == pytest.approx(((per_token * mask).sum() / mask.sum()).item(), rel=1e-6)

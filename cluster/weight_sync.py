@@ -1,4 +1,5 @@
-"""Weight sync: the learner's new weights into every vLLM engine, by one of two transports (``rollout.weight_transport``).
+"""Weight sync: the learner's new weights into every vLLM engine, by one of two transports
+(``rollout.weight_transport``).
 
 Both ship the same thing: the parameters the engines store (Hugging Face names, LoRA merged, tied aliases left
 out), in the engines' dtype, packed into buckets of ``rollout.weight_bucket_mb`` (``policies/weight_buckets.py``),

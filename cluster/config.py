@@ -80,8 +80,8 @@ class RolloutConfig:
     weight_transport: Literal["object_store", "collective"] = "object_store"  # how each sync's weights reach the
     #   engines from learner 0 (never through the driver), in the engines' dtype, in buckets. object_store: one Ray
     #   object per bucket, shared by the engines of a node; collective: a torch.distributed broadcast (gloo on CPU,
-    #   NCCL when learners and engines have GPUs). Default object_store: the faster here (bench/weight_sync.py:
-    #   one node, CPU), and engines on one node read one copy
+    #   NCCL when learners and engines have GPUs). Default object_store: as fast as collective on one CPU node
+    #   (bench/weight_sync.py: 0.83-1.07x its time), with no process group to build or rebuild after a restart
     weight_bucket_mb: int = 64  # MiB per weight bucket (a larger tensor gets its own): each bucket is one object or
     #   one broadcast, and an engine holds at most two while it loads
 

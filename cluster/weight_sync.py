@@ -252,10 +252,14 @@ def sender_listen(learner: Any, key: str, world_size: int, timeout_s: float, bac
         store = GlooGroup.listen(world_size, timeout_s)
         _SENDERS[key] = {"backend": backend, "store": store, "world": world_size, "timeout": timeout_s}
         return host, store.port
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # a free port, held until the store takes it over
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("", 0))
-    _SENDERS[key] = {"backend": backend, "host": host, "sock": sock, "world": world_size, "timeout": timeout_s}
-    return host, sock.getsockname()[1]
+    sock.listen()
+    port = sock.getsockname()[1]
+    _SENDERS[key] = {"backend": backend, "host": host, "port": port, "sock": sock, "world": world_size,
+                     "timeout": timeout_s}
+    return host, port
 
 
 def sender_join(learner: Any, key: str) -> None:
@@ -266,7 +270,7 @@ def sender_join(learner: Any, key: str) -> None:
     if s["backend"] == "gloo":
         s["group"] = GlooGroup(s["store"], 0, s["world"], s["timeout"])
     else:
-        s["group"] = NcclGroup(s["host"], s["sock"].getsockname()[1], 0, s["world"], s["timeout"], s["sock"])
+        s["group"] = NcclGroup(s["host"], s["port"], 0, s["world"], s["timeout"], s["sock"])
 
 
 def sender_broadcast(learner: Any, key: str, dtype: str, bucket_bytes: int) -> tuple[int, int] | None:

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from cluster.rollout import RolloutGroup
 
 EXTENSION = "cluster.weight_sync.WeightReceiverExtension"  # LLM(worker_extension_cls=...) of every rollout actor
-TRANSPORTS = ("object_store", "collective")  # rollout.weight_transport
 
 
 class WeightGroupBroken(RuntimeError):
@@ -60,6 +59,7 @@ class WeightSync:
         self.bytes_per_engine = self.num_buckets = 0  # of the last push
 
     def push(self, version: int) -> None:
+        """Every engine holds learner 0's current weights as ``version`` (or the call raises)."""
         raise NotImplementedError
 
     def shutdown(self) -> None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from cluster.supervision import ActorTimeoutError
 from policies.weight_buckets import BucketLayout, unpack_bucket
 
 if TYPE_CHECKING:
@@ -146,14 +147,12 @@ def make_weight_sync(cfg: ExperimentConfig, learners: Any, rollouts: RolloutGrou
 
 def on_learners(learners: Any, fn: Any, timeout_s: float) -> list[Any]:
     """``fn(learner)`` on every learner (the driver's own when local), their values; a learner's exception raised."""
-    from policies.learner import _learner_results
     from cluster.rollout import unwrap_ray_errors
+    from policies.learner import learner_results  # RLlib: imported where learners exist, not in every engine
 
     kwargs = {} if learners.is_local else {"timeout_seconds": timeout_s}
-    results = unwrap_ray_errors(lambda: _learner_results(learners.foreach_learner(fn, **kwargs)), where="learner")
+    results = unwrap_ray_errors(lambda: learner_results(learners.foreach_learner(fn, **kwargs)), where="learner")
     if not learners.is_local and len(results) < len(learners):
-        from cluster.supervision import ActorTimeoutError
-
         raise ActorTimeoutError(f"learner did not finish a weight sync call within {timeout_s:g} s "
                                 "(cluster.actor_timeout_s)")
     return results

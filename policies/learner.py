@@ -252,7 +252,7 @@ def learner_rng_states(learner_group: Any) -> dict[int, dict[str, Any]]:
     """Every remote learner's generator states by learner index ({} for a local learner: it is the caller's)."""
     if learner_group.is_local:
         return {}
-    return dict(_learner_results(learner_group.foreach_learner(lambda learner: learner.get_rng_state())))
+    return dict(learner_results(learner_group.foreach_learner(lambda learner: learner.get_rng_state())))
 
 
 def set_learner_rng_states(learner_group: Any, states: dict[int | str, dict[str, Any]]) -> None:
@@ -263,10 +263,10 @@ def set_learner_rng_states(learner_group: Any, states: dict[int | str, dict[str,
     if sorted(by_index) != list(range(len(learner_group))):
         raise ValueError(f"the checkpoint holds random states of learners {sorted(by_index)} but the run has "
                          f"{len(learner_group)}; resume with the same cluster.num_learners")
-    _learner_results(learner_group.foreach_learner(lambda learner: learner.set_rng_state(by_index)))
+    learner_results(learner_group.foreach_learner(lambda learner: learner.set_rng_state(by_index)))
 
 
-def _learner_results(results: Any) -> list[Any]:
+def learner_results(results: Any) -> list[Any]:
     """The values of a ``foreach_learner`` call; a learner's exception is raised, not returned as a value."""
     values = [r.get() for r in results]
     for v in values:

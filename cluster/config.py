@@ -83,10 +83,17 @@ class RolloutConfig:
     chunks_per_actor: int = 1  # each iteration's prompts go out in num_actors x this chunks, each to whichever
     #   actor is free next (dynamic dispatch); > 1 keeps a slow actor from stalling the iteration, at the cost of
     #   smaller engine batches. Results do not depend on which actor runs a chunk (its seeds are the chunk's)
+    weight_transport: Literal["object_store", "collective"] = "object_store"  # how each sync's weights reach the
+    #   engines from learner 0 (never through the driver), in the engines' dtype, in buckets. object_store: one Ray
+    #   object per bucket, shared by the engines of a node; collective: a torch.distributed broadcast (gloo on CPU,
+    #   NCCL when learners and engines have GPUs). Default object_store: as fast as collective on one CPU node
+    #   (bench/weight_sync.py: 0.83-1.07x its time), with no process group to build or rebuild after a restart
+    weight_bucket_mb: int = 64  # MiB per weight bucket (a larger tensor gets its own): each bucket is one object or
+    #   one broadcast, and an engine holds at most two while it loads
 
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {
-            "max_staleness": ">=0", "chunks_per_actor": ">=1",
+            "max_staleness": ">=0", "chunks_per_actor": ">=1", "weight_bucket_mb": ">=1",
             "num_actors": ">=1", "prompts_per_iteration": ">=1", "samples_per_prompt": ">=1", "kv_cache_gib": ">=1",
             "max_num_batched_tokens": ">=1", "num_cpus_per_actor": ">=1",
             "temperature": ">0", "gpu_memory_utilization": "(0,1]", "num_gpus_per_actor": ">=0",

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from cluster.console import tag
 from cluster.dispatch import Dispatcher, RolloutJob, merge_chunks
-from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died
+from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died, first_line
+from cluster.weight_sync import EXTENSION as WEIGHT_RECEIVER, WeightGroupBroken, fetched_weights
 from policies.models import weight_names
 from textenv import (
     BatchRewardFn, DatasetTask, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
@@ -25,6 +26,7 @@ from textenv import (
 
 if TYPE_CHECKING:
     from cluster.placement import Placement
+    from policies.weight_buckets import BucketLayout
 
 
 EXAMPLES_PER_ACTOR = 4  # rollouts (prompt, response, reward) each actor returns per sample() for the samples table
@@ -125,6 +127,7 @@ class VLLMRolloutActor:
             # raw and processed are the same distribution, and raw is what the engine always returned.
             logprobs_mode="raw_logprobs" if engine.temperature == 1.0 else "processed_logprobs",
             enable_sleep_mode=self.can_sleep,
+            worker_extension_cls=WEIGHT_RECEIVER,  # receives rollout.weight_transport=collective's broadcasts
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
         self.env_cfg, self._batch_reward = env_cfg, batch_reward
@@ -158,25 +161,58 @@ class VLLMRolloutActor:
 
     # ------------------------------------------------------------------------------------------- weights
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> int:
-        """Swap new weights (Hugging Face names -> arrays) into the running engine; returns the new version.
-
-        The names must be exactly the checkpoint's (``policies.models.weight_names``): vLLM fails half-way on an
-        unknown name and leaves the engine broken, and a missing one would silently keep stale weights.
-        """
+        """Swap new weights (Hugging Face names -> arrays, e.g. from the driver) into the running engine; returns
+        the new version. A run's syncs come by :meth:`load_buckets` or :meth:`receive_weights` instead."""
         import torch
 
-        unknown = sorted(set(named_arrays) - self._weight_names)
-        missing = sorted(self._weight_names - set(named_arrays))
+        self._check_names(named_arrays)
+        tensors = [(name, torch.tensor(arr)) for name, arr in named_arrays.items()]
+        return self._reload(lambda: self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors}),
+                            version)
+
+    def load_buckets(self, layouts: list[BucketLayout], refs: list[Any], version: int) -> int:
+        """Load weights from object-store buckets (``rollout.weight_transport: object_store``), bucket by bucket,
+        the next one fetched while the last is loaded; returns the new version."""
+        self._check_names([name for layout in layouts for name in layout.names])
+        weights = fetched_weights(layouts, refs)
+        return self._reload(lambda: self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}),
+                            version)
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+                          backend: str) -> None:
+        """Join learner 0's broadcast group as ``rank`` (``rollout.weight_transport: collective``)."""
+        self.llm.collective_rpc("join_weight_group", args=(host, port, rank, world_size, timeout_s, backend))
+
+    def receive_weights(self, version: int) -> int:
+        """Receive learner 0's broadcast (layouts first, checked, then the buckets) into the engine; returns the new
+        version. Refused names are drained before the error, so the broadcast still completes for everyone."""
+        (layouts,) = self.llm.collective_rpc("receive_weight_layouts")
+        try:
+            self._check_names([name for layout in layouts for name in layout.names])
+        except ValueError:
+            self.llm.collective_rpc("drain_broadcast_weights", args=(layouts,))
+            raise
+        return self._reload(lambda: self.llm.collective_rpc("load_broadcast_weights", args=(layouts,)), version)
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        """The names must be exactly the checkpoint's (``policies.models.weight_names``): vLLM fails half-way on an
+        unknown name and leaves the engine broken, and a missing one would silently keep stale weights."""
+        names = set(names)
+        unknown = sorted(names - self._weight_names)
+        missing = sorted(self._weight_names - names)
         if unknown or missing:  # refuse before touching the engine
             raise ValueError(
                 f"weights do not match the rollout model {self.model_dir}: unknown {unknown[:3]} "
                 f"({len(unknown)}), missing {missing[:3]} ({len(missing)}); tied aliases such as lm_head.weight "
                 f"must be left out (hf_weights(..., tied=weight_names(dir).tied))"
             )
-        tensors = [(name, torch.tensor(arr)) for name, arr in named_arrays.items()]
+
+    def _reload(self, load: Callable[[], Any], version: int) -> int:
+        """Run ``load`` (a ``reload_weights`` of every weight) around what an update needs: a sleeping engine's
+        memory woken, tied layers repacked, the prefix cache emptied; the engine then holds ``version``."""
         if self.asleep:  # the weights' memory first (its contents are gone: the reload fills it), the KV cache after
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+        load()
         self.llm.apply_model(repack_tied_layers)
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -458,7 +494,8 @@ class RolloutGroup:
 
         supervisor = supervisor if supervisor is not None else Supervisor()
         self.sleeps = engine.sleep_mode
-        self._weights_ref: Any = None  # the last weights pushed (kept alive for a restarted actor)
+        # Submits the call that gives an actor the last weights pushed (holding them alive for a restarted actor).
+        self._resend: Callable[[Any], Any] | None = None
         self.version = 0  # the version every actor holds after the last push (0: the checkpoint's own weights)
         actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
                                **supervisor.actor_options())(VLLMRolloutActor)
@@ -477,19 +514,54 @@ class RolloutGroup:
                                      and self.version != 0)
 
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
-        """Push the same weights to every actor (one copy in the object store) and wait for all of them.
-
-        An actor busy with a chunk loads them after it (an actor runs one call at a time): never mid-sequence.
-        """
+        """Push the same arrays (from the driver) to every actor (one copy in the object store) and wait for all."""
         import ray
 
         ref = ray.put(named_arrays)
-        with self.pool.lock:  # a restarted actor is given these weights from now on, not the previous ones
-            self._weights_ref, self.version = ref, version
-            versions = self.pool.call(f"load_weights (version {version})",
-                                      lambda i, a: a.load_weights.remote(ref, version))
+        self._push(version, lambda actor: actor.load_weights.remote(ref, version))
+
+    def load_buckets(self, layouts: list[BucketLayout], refs: list[Any], version: int) -> None:
+        """Every actor loads the same object-store buckets (:meth:`VLLMRolloutActor.load_buckets`)."""
+        self._push(version, lambda actor: actor.load_buckets.remote(layouts, refs, version))
+
+    def _push(self, version: int, submit: Callable[[Any], Any]) -> None:
+        """``submit(actor)`` on every actor. An actor busy with a chunk loads after it (an actor runs one call at a
+        time): never mid-sequence. Under the pool's lock: an actor restarted from now on is given these weights."""
+        with self.pool.lock:
+            self._resend, self.version = submit, version  # what an actor restarted from now on is given
+            versions = self.pool.call(f"load_weights (version {version})", lambda i, a: submit(a))
         if any(v != version for v in versions):
             raise StaleWeightsError(f"weight sync to version {version} failed: actors report {versions}")
+
+    def broadcast_weights(self, version: int, send: Callable[[], Any], resend: Callable[[Any, int], Any]) -> Any:
+        """Every actor receives the broadcast that ``send()`` makes from rank 0 (run here, while they wait);
+        ``send``'s value. ``resend(actor, version)`` gives an actor restarted later the weights another way.
+
+        Raises :class:`cluster.weight_sync.WeightGroupBroken` when an actor was lost or the group failed (the
+        caller then pushes by the object store, which waits for the restart); an actor's own error as it is.
+        """
+        with self.pool.lock:  # as in _push: a restart during the broadcast is given these weights
+            refs = [a.receive_weights.remote(version) for a in self.actors]
+            try:
+                sent, failed = send(), None
+            except Exception as err:  # noqa: BLE001  the group broke under rank 0: see what the engines say first
+                sent, failed = None, err
+            indices = range(len(self.actors))
+            outcomes = self.pool.supervisor.gather(refs, [self.pool.name(i) for i in indices],
+                                                   f"receive_weights (version {version})",
+                                                   [self.pool.label(i) for i in indices])
+            lost = [self.pool.name(i) for i, o in zip(indices, outcomes) if o.lost]
+            if lost or failed is not None:
+                why = f"{', '.join(lost)} lost" if lost else first_line(failed)
+                raise WeightGroupBroken(f"weight broadcast (version {version}) failed: {why}")
+            for o in outcomes:
+                if o.error is not None:
+                    raise o.error
+            versions = [o.value for o in outcomes]
+            if any(v != version for v in versions):
+                raise StaleWeightsError(f"weight sync to version {version} failed: actors report {versions}")
+            self._resend, self.version = (lambda actor: resend(actor, version)), version
+            return sent
 
     def sample(
         self, num_prompts: int, samples_per_prompt: int, seed: int, version: int, rows: Sequence[int] | None = None,
@@ -583,7 +655,7 @@ class RolloutGroup:
         if self.version == 0:  # nothing pushed yet: the initial weights are the current ones
             return
         name = self.pool.name(index)
-        held = self.pool.supervisor.get(self.actors[index].load_weights.remote(self._weights_ref, self.version),
+        held = self.pool.supervisor.get(self._resend(self.actors[index]),
                                         name, f"load_weights (version {self.version}, after a restart)",
                                         self.pool.label(index))
         if held != self.version:

@@ -26,16 +26,16 @@ from cluster.reward_model import RewardModelServer
 from cluster.dispatch import RolloutJob
 from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError, derive_seed, unwrap_ray_errors
 from cluster.supervision import Supervisor
+from cluster.weight_sync import make_weight_sync
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
 from policies.columns import (
     ADVANTAGES as ADV, ATTENTION_MASK, INPUT_IDS, OLD_LOGP, OLD_VALUES, POSITION_IDS, REF_LOGP, RESPONSE_MASK,
     RETURNS, REWARDS, SAMPLING_LOGP,
 )
 from policies.learner import (
-    MODULE_ID, build_learner_group, group_rollout_stats, hf_weights, learner_rng_states, set_learner_rng_states,
+    MODULE_ID, build_learner_group, group_rollout_stats, learner_rng_states, set_learner_rng_states,
 )
 from policies.losses import KL_ESTIMATORS, behaviour_weights
-from policies.models import weight_names
 from policies.rng import get_rng_state, seed_all, set_rng_state
 from textenv import EpochOrder
 
@@ -64,7 +64,6 @@ class Trainer:
         self.adv_params = AdvantageParams(
             cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt, credit=cfg.algorithm.credit
         )
-        self.weight_names = weight_names(model_dir)  # tied aliases the engines do not store; Conv1D layouts
         seed_all(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
         # Actors read model and data files from copies on their own nodes, shipped once through Ray (cluster/files.py).
         # Held for the run: their objects must outlive every actor (a restarted one on a new node copies again).
@@ -107,6 +106,8 @@ class Trainer:
             critic_model_path=ship(critic, storage) if remote and critic is not None else None,
             placement_group=self.placement.group, resources_per_learner=cfg.cluster.learner_resources,
         )
+        # From learner 0 to the engines (rollout.weight_transport); a collective one builds its group here.
+        self.weight_sync = make_weight_sync(cfg, self.learners, self.rollouts)
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -144,7 +145,8 @@ class Trainer:
         t["timing/engines_busy_s"] = rollouts["busy_s"] / self.cfg.rollout.num_actors  # per engine, this batch's
         metrics = {"iteration": iteration, **rollout_metrics(rollouts, batch, t), **adv_metrics, **losses, **t, **data,
                    "throughput/update_tokens_per_s": trained / t["timing/update_s"],
-                   "weights/version": self.weights_version, "faults/actor_restarts": self.supervisor.take_restarts()}
+                   "weights/version": self.weights_version, "weights/sync_bytes": self.weight_sync.bytes_per_engine,
+                   "faults/actor_restarts": self.supervisor.take_restarts()}
         return metrics, rollouts["examples"]
 
     def submit_rollouts(self, iteration: int) -> None:
@@ -223,10 +225,9 @@ class Trainer:
         return out
 
     def sync_weights(self) -> None:
-        """Push the learners' weights into every vLLM engine and bump the version the next rollouts must carry."""
-        hf = hf_weights(self.learners.get_weights()[MODULE_ID], self.cfg.policy, self.weight_names)
+        """Push learner 0's weights into every vLLM engine and bump the version the next rollouts must carry."""
         self.weights_version += 1
-        self.rollouts.load_weights(hf, self.weights_version)
+        self.weight_sync.push(self.weights_version)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self, root: Path, iteration: int, extra: dict[str, Any]) -> Path:
@@ -253,6 +254,7 @@ class Trainer:
         return state
 
     def shutdown(self) -> None:
+        self.weight_sync.shutdown()
         self.rollouts.shutdown()
         if self.reward_model is not None:
             self.reward_model.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,9 +19,10 @@ from policies.columns import (
 )
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.losses import KL_ESTIMATORS, OBJECTIVES, aggregate, value_loss
-from policies.models import WeightNames, load_causal_lm
+from policies.models import WeightNames, load_causal_lm, weight_names
 from policies.rl_module import LM_PREFIX, TransformerPolicyRLModule, response_logp
 from policies.rng import get_rng_state, seed_all, set_rng_state
+from policies.weight_buckets import BucketLayout, pack_bucket, plan_buckets
 
 MODULE_ID = "default_policy"
 MODEL_PATH_KEYS = ("model_path", "critic_model_path")  # the module's model_config entries naming HF directories
@@ -39,6 +40,7 @@ class TokenPolicyLearner(TorchLearner):
             seed_all(self.config.learner_seed + self._learner_index)
         model_config = self._local_model_paths()
         super().build()
+        self._weight_names = weight_names(model_config["model_path"])  # what the engines store (tied aliases)
         algo: AlgorithmConfig = self.config.algo
         self._ref_lm = None
         if algo.kl_coef > 0:  # a frozen copy of the starting policy; never loaded when the KL is off
@@ -184,6 +186,42 @@ class TokenPolicyLearner(TorchLearner):
         module.train()
         return rows, {k: np.concatenate(v) for k, v in outs.items()}
 
+    # ------------------------------------------------------------------------------------------- weight sync
+    def engine_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's parameters as the inference engines store them: Hugging Face names, LoRA adapters merged,
+        tied aliases left out. What :func:`hf_weights` makes of ``get_weights()``, but the module's own tensors
+        (no copy; a LoRA merge makes new ones), so a weight sync never builds a NumPy copy of the whole state."""
+        state = self.module[MODULE_ID].unwrapped().state_dict()
+        lm = {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
+        policy: PolicyConfig = self.config.policy
+        if policy.lora_rank > 0:
+            from policies.lora import merge_lora_state
+
+            merged = merge_lora_state({k: v.detach().cpu().numpy() for k, v in lm.items()},
+                                      policy.lora_alpha / policy.lora_rank, transposed=self._weight_names.transposed)
+            lm = {k: torch.from_numpy(v) for k, v in merged.items()}
+        return {k: v for k, v in lm.items() if k not in self._weight_names.tied}
+
+    def weight_buckets(
+        self, dtype: str, bucket_bytes: int, device: str = "cpu"
+    ) -> tuple[list[BucketLayout], Iterator[torch.Tensor]]:
+        """The layouts of :meth:`engine_weights` in buckets of ``bucket_bytes`` in the engines' ``dtype``, and a
+        generator packing each bucket's bytes on ``device`` when asked (one bucket in memory at a time)."""
+        weights = self.engine_weights()
+        layouts = plan_buckets(((k, v.shape) for k, v in weights.items()), dtype, bucket_bytes)
+        return layouts, (pack_bucket(layout, weights, device) for layout in layouts)
+
+    def put_weight_buckets(self, dtype: str, bucket_bytes: int) -> tuple[list[BucketLayout], list[Any]] | None:
+        """Learner 0 only (others return None): :meth:`weight_buckets` put into Ray's object store from this
+        process, one object per bucket; their layouts and ObjectRefs. The bytes never pass through the driver, and
+        engines on one node map the node's single copy."""
+        import ray
+
+        if self._learner_index != 0:
+            return None
+        layouts, buckets = self.weight_buckets(dtype, bucket_bytes)
+        return layouts, [ray.put(bucket.numpy()) for bucket in buckets]
+
     def get_rng_state(self) -> tuple[int, dict[str, Any]]:
         """This learner's index and its process's generator states (RLlib shuffles minibatches with numpy's)."""
         return self._learner_index, get_rng_state()
@@ -214,7 +252,7 @@ def learner_rng_states(learner_group: Any) -> dict[int, dict[str, Any]]:
     """Every remote learner's generator states by learner index ({} for a local learner: it is the caller's)."""
     if learner_group.is_local:
         return {}
-    return dict(_learner_results(learner_group.foreach_learner(lambda learner: learner.get_rng_state())))
+    return dict(learner_results(learner_group.foreach_learner(lambda learner: learner.get_rng_state())))
 
 
 def set_learner_rng_states(learner_group: Any, states: dict[int | str, dict[str, Any]]) -> None:
@@ -225,10 +263,10 @@ def set_learner_rng_states(learner_group: Any, states: dict[int | str, dict[str,
     if sorted(by_index) != list(range(len(learner_group))):
         raise ValueError(f"the checkpoint holds random states of learners {sorted(by_index)} but the run has "
                          f"{len(learner_group)}; resume with the same cluster.num_learners")
-    _learner_results(learner_group.foreach_learner(lambda learner: learner.set_rng_state(by_index)))
+    learner_results(learner_group.foreach_learner(lambda learner: learner.set_rng_state(by_index)))
 
 
-def _learner_results(results: Any) -> list[Any]:
+def learner_results(results: Any) -> list[Any]:
     """The values of a ``foreach_learner`` call; a learner's exception is raised, not returned as a value."""
     values = [r.get() for r in results]
     for v in values:

@@ -75,3 +75,23 @@ def test_async_bench_prints_its_staleness_table() -> None:
     assert re.search(r"k=0: 2 iterations, reward 0.8 at never .* staleness 0\.00", out), out
     assert re.search(r"k=1: 2 iterations, .* staleness 0\.50", out), out  # iteration 1: 0 versions old, then 1
     assert re.search(r"^\| 1 \| never \| never \| never \| \d+\.\d{3} \| \d+% \| \d+% \| n/a \| n/a \|$", out, re.M), out
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_weight_sync_bench_prints_its_table() -> None:
+    """bench/weight_sync.py on the ~1M model, one round: every transport brought both engines to each new version
+    (the script checks), both moved the same bytes, and the table compares each with the copy bound."""
+    out = run_script("bench/weight_sync.py", "--models", "1m", "--rounds", "1")
+    assert re.search(r"^model 1m \(1\.\dM params, bfloat16: \d\.\d MB per engine in 1 bucket\(s\) of 64 MiB\), "
+                     r"2 rollout actors", out, re.M), out
+    for system in ("driver (old)", "object_store", "collective"):
+        row = re.search(rf"^  {re.escape(system)} +(\d+\.\d) ms/sync +(\d+\.\d\d)x the bound", out, re.M)
+        assert row and float(row.group(1)) > 0, out
+    for floor in ("copy bound", "engine reload"):
+        assert re.search(rf"^  {floor} +\d+\.\d ms/sync$", out, re.M), out
+    assert re.search(r"best transport \((object_store|collective)\) / copy bound: \d+\.\d\dx", out), out
+    cell = r" [\d,]+\.\d \(\d+\.\dx\) \|"
+    assert re.search(rf"^\| 1m \| 1\.\dM \| \d\.\d \| \d+\.\d \| [\d,]+\.\d \|{cell * 3} \d+\.\d\dx "
+                     r"\((object_store|collective)\) \| \d+\.\d\dx \|$",
+                     out, re.M), out

@@ -88,7 +88,8 @@ def test_lora_rank_must_not_be_negative() -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_merged_weights_match_peft_merge_and_unload(tmp_path: Path, arch: str) -> None:
-    """GPT-2's Conv1D layers store weights (in, out) (peft's fan_in_fan_out): the merge must transpose B @ A."""
+    """GPT-2's Conv1D layers store weights (in, out) (peft's fan_in_fan_out): the merge must transpose B @ A. The
+    weights a sync ships (``TokenPolicyLearner.engine_weights``) are the same merge."""
     from policies.models import save_tiny_policy
     from tests.conftest import REVERSE_ALPHABET, TINY
 
@@ -110,4 +111,9 @@ def test_merged_weights_match_peft_merge_and_unload(tmp_path: Path, arch: str) -
         expected, got, unmerged = peft(input_ids=ids).logits, ours(input_ids=ids).logits, load_causal_lm(model_dir)(input_ids=ids).logits
     assert (expected - unmerged).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # What a weight sync ships, from the learner's own tensors, is the same merge.
+    shipped = group._learner.engine_weights()
+    assert set(shipped) == set(merged)
+    for k, v in shipped.items():
+        np.testing.assert_array_equal(v.numpy(), merged[k], err_msg=k)
     group.shutdown()

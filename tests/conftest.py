@@ -66,7 +66,7 @@ def ray_session():
     """A local Ray for one test module (4 logical CPUs: rollout actors and learners each ask for one)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -63,3 +63,25 @@ def test_scaling_bench_prints_its_layout_table() -> None:
     assert re.search(r"serial share \(weight_sync \+ rest\) \d+\.\d%: .* more than \d+\.\dx faster", out), out
     table_row = r"^\| 1 actor, 1 learner \(driver\) \|( \d+\.\d{3} \|){5} [\d,]+ \| [\d,]+ \|( 1\.00x \|){3}$"
     assert re.search(table_row, out, re.M), out
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.download
+def test_vs_trl_bench_runs_tokengym_and_trl_and_prints_its_table() -> None:
+    """bench/vs_trl.py with one step of tokengym's PPO and one generation of TRL's GRPOTrainer (creating the pinned
+    TRL environment bench/.venv-trl first when it is missing: a download of about 1.5 GB): each system trained the
+    completions its step holds, was timed, and the table compares them."""
+    out = run_script("bench/vs_trl.py", "--systems", "tokengym-ppo", "trl-grpo", "--steps", "1", "--window", "256",
+                     "--budget-s", "300", timeout=1500)
+    for system, completions in (("tokengym-ppo", 256), ("trl-grpo", 512)):
+        line = re.search(rf"^  round 1 {system} .*; {completions} completions in 1 steps, ([\d,]+)/s; "
+                         rf"start-up (\d+) s; smoothed max (\d\.\d{{3}}), .*stopped: (\w+)", out, re.M)
+        assert line, out
+        rate, startup, reward, stopped = line.groups()
+        assert int(rate.replace(",", "")) > 0 and int(startup) > 0 and 0 <= float(reward) < 0.5, out
+        assert stopped == "steps", out  # a random policy gets ~0.08: neither bar is reached in one step
+    assert re.search(r"^\| tokengym-ppo \| never in 300 s \| never in 300 s \| never \| [\d,]+ \| \d+ \| 0\.\d{3} \| "
+                     r"never \|$", out, re.M), out
+    assert re.search(r"^\| trl-grpo \| never in 300 s \| never in 300 s \| never \| [\d,]+ \| \d+ \| 0\.\d{3} \| - \|$",
+                     out, re.M), out

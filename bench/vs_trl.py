@@ -33,9 +33,9 @@ undefined until that many completions exist. A system that does not reach a bar 
 maximum of its smoothed curve).
 
 Reported per system: median over rounds of the seconds (from launch) and steps to each bar, completions/s (all
-completions over the system's summed step time), start-up seconds, plateau; and per round the ratio of tokengym's
-time to the last bar over TRL's (the faster TRL variant of the round). Where TRL never reached it, the ratio is
-bounded by the budget: "< x".
+completions over the system's summed step time), start-up seconds, plateau; and for each bar the ratio of tokengym's
+time to it over TRL's (the faster TRL variant of the round), per round and its median. Where only one side reached
+the bar, the ratio is bounded by the budget: "< x" or "> x".
 
     RAY_memory_monitor_refresh_ms=0 nice -n 19 .venv/bin/python bench/vs_trl.py [--systems ...] [--seeds 0 1 2]
         [--budget-s 600] [--steps N] [--bars 0.5 0.8] [--window 1024] [--trl-set key=value ...] [--record]
@@ -269,43 +269,41 @@ def fmt(value: float | None, spec: str = ".0f", never: str = "never") -> str:
 
 def report(systems: list[System], outcomes: dict[str, list[dict[str, Any]]], bars: list[float],
            budget_s: float) -> tuple[list[str], str]:
-    """The per-round lines, the medians and the ratios (printed and recorded), and the markdown table."""
+    """The per-round lines, and the markdown table of the medians over rounds and the ratios."""
     lines = []
     for name in (s.name for s in systems):
         for k, o in enumerate(outcomes[name]):
-            cells = ", ".join(f"{bar}: {fmt(o['reached'][bar] and o['reached'][bar][0], '.0f')} s" +
-                              (f" ({o['reached'][bar][2]} steps)" if o["reached"][bar] else "") for bar in bars)
+            cells = ", ".join(f"{bar}: " + (f"{o['reached'][bar][0]:.0f} s ({o['reached'][bar][2]} steps)"
+                                            if o["reached"][bar] else "never") for bar in bars)
             lines.append(f"  round {k + 1} {name:18s} {cells}; {o['completions']:,} completions in {o['steps']} "
                          f"steps, {o['per_s']:,.0f}/s; start-up {fmt(o['startup_s'], '.0f', '-')} s; smoothed "
                          f"max {fmt(o['plateau'], '.3f', '-')}, last {fmt(o['last'], '.3f', '-')}; stopped: "
                          f"{o['stopped']}")
     head = ["system", *(f"s to {bar} (steps)" for bar in bars), f"train s to {bars[-1]}", "completions/s",
-            "start-up s", "smoothed max", f"time to {bars[-1]} / TRL's"]
+            "start-up s", "smoothed max", *(f"time to {bar} / TRL's" for bar in bars)]
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     trl_names = [s.name for s in systems if s.config is None]
-    rounds = min(len(v) for v in outcomes.values())
-    lines.append(f"medians over {rounds} round(s):")
     for system in systems:
         runs = outcomes[system.name]
         cells = [system.name]
         for bar in bars:
             t = median_or_never([o["reached"][bar] and o["reached"][bar][0] for o in runs])
             steps = median_or_never([o["reached"][bar] and o["reached"][bar][2] for o in runs])
-            cells.append(f"{fmt(t)} ({fmt(steps, '.0f', '-')})" if t is not None else f"never in {budget_s:.0f} s")
+            cells.append(f"{fmt(t)} ({fmt(steps, '.0f', '-')})" if t is not None else "never")
         cells.append(fmt(median_or_never([o["reached"][bars[-1]] and o["reached"][bars[-1]][1] for o in runs])))
         cells.append(f"{statistics.median(o['per_s'] for o in runs):,.0f}")
         cells.append(fmt(statistics.median(o["startup_s"] for o in runs if o["startup_s"] is not None)
                          if any(o["startup_s"] is not None for o in runs) else None, ".0f", "-"))
         cells.append(fmt(median_or_never([o["plateau"] for o in runs]), ".3f", "-"))
-        cells.append(ratio_cell(system, runs, outcomes, trl_names, bars[-1], budget_s))
+        cells += [ratio_cell(system, runs, outcomes, trl_names, bar, budget_s) for bar in bars]
         table.append("| " + " | ".join(cells) + " |")
-        lines.append("  " + "  ".join(cells))
     return lines, "\n".join(table)
 
 
 def ratio_cell(system: System, runs: list[dict[str, Any]], outcomes: dict[str, list[dict[str, Any]]],
                trl_names: list[str], bar: float, budget_s: float) -> str:
-    """tokengym's time to ``bar`` over the round's fastest TRL variant's: the median and the per-round values."""
+    """tokengym's time to ``bar`` (from launch) over the round's fastest TRL variant's: the median and the per-round
+    values."""
     if system.config is None or not trl_names:
         return "-"
     per_round: list[tuple[float | None, str]] = []  # (ratio, as printed); None: a bound or never
@@ -314,15 +312,15 @@ def ratio_cell(system: System, runs: list[dict[str, Any]], outcomes: dict[str, l
         theirs = [outcomes[n][k]["reached"][bar] for n in trl_names if k < len(outcomes[n])]
         best = min((t[0] for t in theirs if t is not None), default=None)
         if ours is None:
-            per_round.append((None, "never" if best is None else f"> {budget_s / best:.2f}"))
+            per_round.append((None, "never" if best is None else f"> {budget_s / best:.2f}x"))
         elif best is None:
-            per_round.append((None, f"< {ours[0] / budget_s:.2f}"))
+            per_round.append((None, f"< {ours[0] / budget_s:.2f}x"))
         else:
-            per_round.append((ours[0] / best, f"{ours[0] / best:.2f}"))
+            per_round.append((ours[0] / best, f"{ours[0] / best:.2f}x"))
     if all(r is not None for r, _ in per_round):
         head = f"{statistics.median(r for r, _ in per_round):.2f}x"
     else:
-        head = f"{per_round[0][1]}x" if len(per_round) == 1 else "see rounds"
+        head = per_round[0][1] if len(per_round) == 1 else "see rounds"
     return head + (f" (rounds {', '.join(text for _, text in per_round)})" if len(per_round) > 1 else "")
 
 

@@ -191,7 +191,7 @@ def run_system(system: System, seed: int, model_dir: Path, work: Path, problems:
     try:
         while stopped is None:
             time.sleep(POLL_S)
-            now = time.perf_counter() - began
+            now, exited = time.perf_counter() - began, proc.poll() is not None  # before reading: no row is missed
             found = sorted(job_dir.glob(rows_glob))  # tokengym names its run directory itself
             lines = found[0].read_text().splitlines() if found else []
             for line in lines[consumed:]:
@@ -206,12 +206,12 @@ def run_system(system: System, seed: int, model_dir: Path, work: Path, problems:
                 stopped = "steps"
             elif now > args.budget_s:
                 stopped = "budget"
-            elif proc.poll() is not None:
+            elif exited:
                 stopped = f"exited {proc.returncode}"
     finally:
         stop(proc)
         log.close()
-    if stopped.startswith("exited") and not (args.steps and len(rows) >= args.steps):
+    if stopped.startswith("exited"):
         tail = (job_dir / "output.log").read_text()[-3000:]
         raise SystemExit(f"vs_trl: {system.name} seed {seed} {stopped} after {len(rows)} steps:\n{tail}")
     return {"rows": rows, "stopped": stopped}

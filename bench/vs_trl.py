@@ -86,7 +86,7 @@ class System:
 SYSTEMS = {s.name: s for s in (
     System("tokengym-ppo", config="configs/default.yaml"),
     System("tokengym-grpo", config="configs/grpo.yaml"),
-    System("trl-grpo", trl={"learning_rate": 3e-4}),
+    System("trl-grpo"),  # tokengym's learning rate (trl_config)
     System("trl-grpo-lr1e-6", trl={"learning_rate": 1e-6}),
 )}
 
@@ -141,7 +141,7 @@ def trl_config(system: System, base: ExperimentConfig, grpo: ExperimentConfig, s
 
 def launch(system: System, seed: int, model_dir: Path, job_dir: Path, problems: list[tuple[str, str]],
            checks: list[dict[str, Any]], args: argparse.Namespace, trl_extra: dict[str, Any]
-           ) -> tuple[list[str], Path, int]:
+           ) -> tuple[list[str], str, int]:
     """The command of one run, the glob (under ``job_dir``) of the file its rows appear in, and the completions per
     step."""
     if system.config is not None:

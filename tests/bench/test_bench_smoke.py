@@ -95,3 +95,26 @@ def test_weight_sync_bench_prints_its_table() -> None:
     assert re.search(rf"^\| 1m \| 1\.\dM \| \d\.\d \| \d+\.\d \| [\d,]+\.\d \|{cell * 3} \d+\.\d\dx "
                      r"\((object_store|collective)\) \| \d+\.\d\dx \|$",
                      out, re.M), out
+
+
+@pytest.mark.slow  # the long tier: a first run creates bench/.venv-trl (a 1.5 GB download, 5-6 min)
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.download
+def test_vs_trl_bench_runs_tokengym_and_trl_and_prints_its_table() -> None:
+    """bench/vs_trl.py with one step of tokengym's PPO and one generation of TRL's GRPOTrainer (creating the pinned
+    TRL environment bench/.venv-trl first when it is missing: a download of about 1.5 GB): each system trained the
+    completions its step holds, was timed, and the table compares them."""
+    out = run_script("bench/vs_trl.py", "--systems", "tokengym-ppo", "trl-grpo", "--steps", "1", "--window", "256",
+                     "--budget-s", "300", timeout=1500)
+    for system, completions in (("tokengym-ppo", 256), ("trl-grpo", 512)):
+        line = re.search(rf"^  round 1 {system} .*; {completions} completions in 1 steps, ([\d,]+)/s; "
+                         rf"start-up (\d+) s; smoothed max (\d\.\d{{3}}), .*stopped: (\w+)", out, re.M)
+        assert line, out
+        rate, startup, reward, stopped = line.groups()
+        assert int(rate.replace(",", "")) > 0 and int(startup) > 0 and 0 <= float(reward) < 0.5, out
+        assert stopped == "steps", out  # a random policy gets ~0.08: neither bar is reached in one step
+    assert re.search(r"^\| tokengym-ppo \| never \| never \| never \| [\d,]+ \| \d+ \| 0\.\d{3} \| "
+                     r"never \| never \|$", out, re.M), out
+    assert re.search(r"^\| trl-grpo \| never \| never \| never \| [\d,]+ \| \d+ \| 0\.\d{3} \| - \| - \|$",
+                     out, re.M), out

@@ -80,6 +80,7 @@ def test_each_transport_gives_every_engine_the_learners_weights(ray_session, tmp
         trainer.shutdown()
 
 
+@pytest.mark.slow  # 1-2.5 min; the default tier's weight_sync bench smoke test syncs a bf16 model by every transport
 def test_bfloat16_engines_get_identical_weights_by_every_transport_and_bucket_size(ray_session,
                                                                                    tiny_model_dir: Path) -> None:
     """One bfloat16 engine, its learner's weights perturbed: today's driver path (float32 arrays, cast by vLLM),

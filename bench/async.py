@@ -22,7 +22,6 @@ most 15% more iterations).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import signal
@@ -37,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
 
-from bench.rollout import machine  # noqa: E402
+from bench.rollout import record  # noqa: E402
 
 HOLD = 3  # iterations the reward must stay at or above the target before a run is stopped
 
@@ -161,12 +160,7 @@ def main() -> None:
             f"{median([s['learner_busy'] for s in runs]):.0%} | {ratio(time_ratio)} | {ratio(it_ratio)} |")
     print("\n".join(table))
     if args.record:
-        command = "RAY_memory_monitor_refresh_ms=0 .venv/bin/python bench/async.py " + " ".join(sys.argv[1:])
-        load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n### bench/async.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                    f"Command: `{command}`; machine: {machine()}; {load}.\n\n```\n" + "\n".join(lines) + "\n```\n\n"
-                    + "\n".join(table) + "\n")
+        record("async.py", load_before, "\n".join(lines), "\n".join(table), env="RAY_memory_monitor_refresh_ms=0")
 
 
 if __name__ == "__main__":

@@ -294,6 +294,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def record(script: str, load_before: tuple[float, ...], report: str, table: str, env: str = "nice -n 19",
+           note: str = "", results: Path = REPO / "bench" / "RESULTS.md") -> None:
+    """Append a benchmark's run to bench/RESULTS.md: when, the command that repeats it (``env`` before the
+    interpreter), the machine and its load before and after (``note`` follows), the report and the table."""
+    command = f"{env} .venv/bin/python bench/{script} " + " ".join(sys.argv[1:])
+    load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after{note}"
+    with open(results, "a") as f:
+        f.write(f"\n### bench/{script}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+                f"Command: `{command}`; machine: {machine()}; {load}.\n\n```\n{report}\n```\n\n{table}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -328,11 +339,7 @@ def main() -> None:
     print(table)
     report = "\n".join(line for row in rows for line in row["report"])
     if args.record:
-        command = "nice -n 19 .venv/bin/python bench/rollout.py " + " ".join(sys.argv[1:])
-        load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n### bench/rollout.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                    f"Command: `{command}`; machine: {machine()}; {load}.\n\n```\n{report}\n```\n\n{table}\n")
+        record("rollout.py", load_before, report, table)
 
 
 if __name__ == "__main__":

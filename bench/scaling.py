@@ -38,7 +38,6 @@ states its assumptions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
 
-from bench.rollout import machine  # noqa: E402
+from bench.rollout import record  # noqa: E402
 from cluster.config import ExperimentConfig, load_config  # noqa: E402
 from cluster.run import init_ray, prepare_policy  # noqa: E402
 from textenv import EpochOrder, HFTokenizerAdapter, make_env  # noqa: E402
@@ -278,12 +277,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     print(table)
     if args.record:
-        command = "nice -n 19 .venv/bin/python bench/scaling.py " + " ".join(sys.argv[1:])
-        load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n### bench/scaling.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                    f"Command: `{command}`; machine: {machine()}; {load}.\n\n```\n" + "\n".join(lines)
-                    + f"\n```\n\n{table}\n")
+        record("scaling.py", load_before, "\n".join(lines), table)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ The first run creates bench/.venv-trl (a few minutes; reused while the pins belo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import signal
@@ -379,15 +378,11 @@ def main() -> None:
     print("\n".join([header, *lines]), flush=True)
     print(table)
     if args.record:
-        from bench.rollout import machine
+        from bench.rollout import record
 
-        command = "nice -n 19 .venv/bin/python bench/vs_trl.py " + " ".join(sys.argv[1:])
-        load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n### bench/vs_trl.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                    f"Command: `{command}`; machine: {machine()}; {load}; TRL {TRL_PINS[0].split('==')[1]} "
-                    f"(transformers {TRL_PINS[1].split('==')[1]}), {TORCH_PIN.split('==')[1]}.\n\n```\n"
-                    + "\n".join([header, *lines]) + f"\n```\n\n{table}\n")
+        pins = (f"; TRL {TRL_PINS[0].split('==')[1]} (transformers {TRL_PINS[1].split('==')[1]}), "
+                f"{TORCH_PIN.split('==')[1]}")
+        record("vs_trl.py", load_before, "\n".join([header, *lines]), table, note=pins)
 
 
 if __name__ == "__main__":

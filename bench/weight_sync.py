@@ -32,7 +32,6 @@ layers, 9 heads with 3 key-value heads, intermediate 1,536, vocabulary 49,152, t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -45,7 +44,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
 
-from bench.rollout import machine  # noqa: E402
+from bench.rollout import record  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.rollout import RolloutGroup  # noqa: E402
 from cluster.trainer import engine_options  # noqa: E402
@@ -225,11 +224,7 @@ def main() -> None:
     print(table)
     if args.record:
         report = "\n".join(line for row in rows for line in row["report"])
-        command = "nice -n 19 .venv/bin/python bench/weight_sync.py " + " ".join(sys.argv[1:])
-        load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (a shared machine)"
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n### bench/weight_sync.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                    f"Command: `{command}`; machine: {machine()}; {load}.\n\n```\n{report}\n```\n\n{table}\n")
+        record("weight_sync.py", load_before, report, table, note=" (a shared machine)")
 
 
 if __name__ == "__main__":

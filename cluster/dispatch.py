@@ -142,7 +142,7 @@ class Dispatcher:
 
     def _collect(self, ref: Any, job: RolloutJob, chunk: int, actor: int, pid: Any) -> None:
         """File a finished chunk's result; after a lost actor (or reward model), recover and queue it again."""
-        out = self.pool.supervisor._outcome(ref, self.pool.label(actor))
+        out = self.pool.supervisor.outcome(ref, self.pool.label(actor))
         if out.error is None:
             job._finish(chunk, out.value, actor)
             return

@@ -98,7 +98,7 @@ class Supervisor:
             raise ActorTimeoutError(
                 f"{', '.join(slow)} did not finish {what} within {self.timeout_s:g} s (cluster.actor_timeout_s)"
             )
-        return [self._outcome(ref, where) for ref, where in zip(refs, wheres if wheres is not None else names)]
+        return [self.outcome(ref, where) for ref, where in zip(refs, wheres if wheres is not None else names)]
 
     def get(self, ref: Any, name: str, what: str, where: str | None = None) -> Any:
         """One call's value; a lost actor raises :class:`ActorLostError`, a failed call its own exception (marked
@@ -145,7 +145,8 @@ class Supervisor:
                 time.sleep(1.0)
 
     @staticmethod
-    def _outcome(ref: Any, where: str) -> Outcome:
+    def outcome(ref: Any, where: str) -> Outcome:
+        """What a finished call ``ref`` came to (its own exception marked as raised in ``where``)."""
         import ray
 
         try:

@@ -160,7 +160,7 @@ def main() -> None:
             f"{median([s['learner_busy'] for s in runs]):.0%} | {ratio(time_ratio)} | {ratio(it_ratio)} |")
     print("\n".join(table))
     if args.record:
-        record("async.py", load_before, "\n".join(lines), "\n".join(table), env="RAY_memory_monitor_refresh_ms=0")
+        record("async.py", load_before, "\n".join(lines), "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -294,11 +294,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def record(script: str, load_before: tuple[float, ...], report: str, table: str, env: str = "nice -n 19",
-           note: str = "", results: Path = REPO / "bench" / "RESULTS.md") -> None:
-    """Append a benchmark's run to bench/RESULTS.md: when, the command that repeats it (``env`` before the
-    interpreter), the machine and its load before and after (``note`` follows), the report and the table."""
-    command = f"{env} .venv/bin/python bench/{script} " + " ".join(sys.argv[1:])
+def record(script: str, load_before: tuple[float, ...], report: str, table: str, note: str = "",
+           results: Path = REPO / "bench" / "RESULTS.md") -> None:
+    """Append a benchmark's run to bench/RESULTS.md: when, the command that repeats it (as this process was started:
+    its niceness and the Ray settings it was given come first), the machine and its load before and after (``note``
+    follows), the report and the table."""
+    prefix = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("RAY_")]
+    prefix += [f"nice -n {os.nice(0)}"] if os.nice(0) else []
+    command = " ".join([*prefix, ".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
     load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after{note}"
     with open(results, "a") as f:
         f.write(f"\n### bench/{script}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"

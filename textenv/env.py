@@ -220,6 +220,8 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         return self._turn_end_id
 
     def _check_action(self, action: Any) -> int:
+        if type(action) is int and 0 <= action < self.action_space.n:  # the common case (replay), checked first
+            return action
         if isinstance(action, np.ndarray) and action.shape == ():
             action = action.item()
         if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):

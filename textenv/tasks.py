@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import operator
 import re
 import string
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def _positional(answer: str, response: str) -> float:
     """Fraction of the answer's positions that the response gets right."""
     if not answer:  # e.g. reset(options={"prompt": ...}) without an answer
         return 0.0
-    return sum(a == b for a, b in zip(answer, response)) / len(answer)
+    return sum(map(operator.eq, answer, response)) / len(answer)  # map stops at the shorter, as zip does
 
 
 class _PositionalTask(Task):

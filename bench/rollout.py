@@ -56,6 +56,7 @@ MODELS = {  # name: (save_tiny_policy sizes, extra symbols beyond the task's alp
     "tiny": (dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256), 0),
     "34m": (dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376), 8192 - 11),
 }
+USER_ENV = ("RAY_memory_monitor_refresh_ms",)  # what the benchmarks' docstrings tell a user to set (Ray sets others)
 GOALS = {"vllm": 0.9, "hf": 2.5}  # tokengym / raw vLLM; tokengym / HF generate (the 34M model)
 
 
@@ -299,7 +300,7 @@ def record(script: str, load_before: tuple[float, ...], report: str, table: str,
     """Append a benchmark's run to bench/RESULTS.md: when, the command that repeats it (as this process was started:
     its niceness and the Ray settings it was given come first), the machine and its load before and after (``note``
     follows), the report and the table."""
-    prefix = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("RAY_")]
+    prefix = [f"{k}={os.environ[k]}" for k in USER_ENV if k in os.environ]
     prefix += [f"nice -n {os.nice(0)}"] if os.nice(0) else []
     command = " ".join([*prefix, ".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
     load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after{note}"

@@ -19,8 +19,9 @@ ask Ray for one CPU (Ray sets their ``OMP_NUM_THREADS=1``), and the driver's lea
 torch threads. The threads each process really uses are printed.
 
 What is timed is what the trainer logs (docs/metrics.md): ``timing/rollout_s`` (all actors sample in parallel),
-``timing/logprobs_s`` and ``timing/update_s`` (the learners), ``timing/weight_sync_s`` (the learners' weights to
-the driver, then into every engine through the object store), the rest of ``timing/iteration_s`` (advantages and
+``timing/logprobs_s`` and ``timing/update_s`` (the learners), ``timing/weight_sync_s`` (learner 0's weights into
+every engine by ``rollout.weight_transport``, the object store by default: buckets in the engines' dtype, put by
+learner 0's process, which is the driver's when L = 1), the rest of ``timing/iteration_s`` (advantages and
 building the batch, on the driver), ``throughput/rollout_tokens_per_s`` and ``throughput/update_tokens_per_s``.
 
 The projection inputs printed at the end: each phase's share of the 1x1 iteration; the parallel efficiency of the

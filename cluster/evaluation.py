@@ -103,7 +103,10 @@ def engines(cfg: ExperimentConfig, model_dir: Path) -> Iterator[Any]:
                         if cfg.reward_model.path is not None else None)
         group = RolloutGroup(
             cfg.rollout.num_actors, ship_task_files(cfg.env, storage),
-            engine_options(cfg, ship(model_dir, storage), env.max_prompt_tokens, env.max_response_tokens),
+            # The directory holds whole weights (an export merges LoRA): no adapters to serve, whatever
+            # rollout.lora_weights says.
+            replace(engine_options(cfg, ship(model_dir, storage), env.max_prompt_tokens, env.max_response_tokens),
+                    lora_rank=0),
             cfg.rollout.num_gpus_per_actor, batch_reward=reward_model.reward if reward_model is not None else None,
             num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=supervisor, placement=placement,
         )

@@ -8,10 +8,13 @@ model) scores all of a call's responses at once. New policy weights arrive by
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, get_args
 
 import numpy as np
 
@@ -19,6 +22,7 @@ from cluster.console import tag
 from cluster.dispatch import Dispatcher, RolloutJob, merge_chunks
 from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died, first_line
 from cluster.weight_sync import EXTENSION as WEIGHT_RECEIVER, WeightGroupBroken, fetched_weights
+from policies.lora import PEFT_PREFIX
 from policies.models import weight_names
 from textenv import (
     BatchRewardFn, DatasetTask, EnvConfig, HFTokenizerAdapter, TaskSample, TokenEnv, make_env, replay, score_pending,
@@ -55,6 +59,9 @@ class EngineOptions:
     sleep_mode: bool = False  # colocated with a GPU learner: the engine can sleep (vLLM's sleep mode, where available)
     fixed_length: bool = False  # every response runs to its token limit (EOS and stop tokens masked: vLLM's
     #   min_tokens); bench/rollout.py compares systems on equal work with it
+    lora_rank: int = 0  # > 0: the engine serves shipped LoRA adapters of this rank with vLLM's LoRA support
+    #   (rollout.lora_weights=adapters); 0: it runs plain weights, merged ones with LoRA
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank (policy.lora_alpha)
 
 
 def derive_seed(*parts: int) -> int:
@@ -128,6 +135,7 @@ class VLLMRolloutActor:
             logprobs_mode="raw_logprobs" if engine.temperature == 1.0 else "processed_logprobs",
             enable_sleep_mode=self.can_sleep,
             worker_extension_cls=WEIGHT_RECEIVER,  # receives rollout.weight_transport=collective's broadcasts
+            **lora_engine_args(engine),
         )
         self.tokenizer = HFTokenizerAdapter(self.llm.get_tokenizer())
         self.env_cfg, self._batch_reward = env_cfg, batch_reward
@@ -137,6 +145,11 @@ class VLLMRolloutActor:
         self._env_pool: list[TokenEnv] = []
         self.weights_version = 0
         self._weight_names = set(weight_names(self.model_dir).names)
+        # rollout.lora_weights=adapters: the adapters every generate call applies (None: the engine's own weights),
+        # each version a new LoRA with a new id, written under this actor's own directory.
+        self.lora: Any = None
+        self._lora_ids = itertools.count(1)
+        self._lora_root = tempfile.mkdtemp(prefix=f"tokengym-lora-{index}-") if engine.lora_rank > 0 else None
 
     def __repr__(self) -> str:  # how Ray's errors and log prefixes name this actor
         return f"rollout actor {self.index}"
@@ -178,6 +191,47 @@ class VLLMRolloutActor:
         return self._reload(lambda: self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}),
                             version)
 
+    def load_adapters(self, layouts: list[BucketLayout], refs: list[Any], version: int) -> int:
+        """Serve new LoRA adapters from object-store buckets (``rollout.lora_weights: adapters``); returns the new
+        version. The base weights stay as loaded; the adapters become a new vLLM LoRA (a new id), written as a peft
+        adapter directory (vLLM loads adapters from a directory only), and the previous one is removed."""
+        from vllm.lora.request import LoRARequest
+
+        if self._lora_root is None:
+            raise ValueError(f"rollout actor {self.index} was built without vLLM LoRA (EngineOptions.lora_rank is 0): "
+                             "adapters need rollout.lora_weights=adapters")
+        self._check_adapter_names([name for layout in layouts for name in layout.names])
+        lora_id = next(self._lora_ids)
+        path = write_adapter(os.path.join(self._lora_root, f"v{lora_id}"), fetched_weights(layouts, refs),
+                             self.opts.lora_rank, self.opts.lora_alpha)
+        request = LoRARequest(f"policy-{lora_id}", lora_id, path)
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"rollout actor {self.index}: vLLM did not load the adapters of version {version}")
+        self._drop_adapters()
+        self.lora = request
+        self.llm.reset_prefix_cache()
+        self.weights_version = version
+        return version
+
+    def _check_adapter_names(self, names: Iterable[str]) -> None:
+        """Adapters must name layers of the rollout model, each with both halves (``lora_A`` and ``lora_B``)."""
+        layers: dict[str, set[str]] = {}
+        for name in names:
+            layer, _, kind = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            layers.setdefault(layer, set()).add(kind)
+        bad = sorted(n for n, kinds in layers.items() if f"{n}.weight" not in self._weight_names
+                     or kinds != {"A.weight", "B.weight"})
+        if not layers or bad:
+            raise ValueError(f"adapters do not match the rollout model {self.model_dir}: {len(bad)} of {len(layers)} "
+                             f"layers unknown or without both lora_A and lora_B, e.g. {bad[:3]}")
+
+    def _drop_adapters(self) -> None:
+        """Remove the adapters served so far, from vLLM and from disk."""
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            shutil.rmtree(self.lora.lora_path, ignore_errors=True)
+            self.lora = None
+
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
                           backend: str) -> None:
         """Join learner 0's broadcast group as ``rank`` (``rollout.weight_transport: collective``)."""
@@ -212,6 +266,7 @@ class VLLMRolloutActor:
         memory woken, tied layers repacked, the prefix cache emptied; the engine then holds ``version``."""
         if self.asleep:  # the weights' memory first (its contents are gone: the reload fills it), the KV cache after
             self.llm.wake_up(tags=["weights"])
+        self._drop_adapters()  # whole weights replace the policy: no adapters on top of them
         load()
         self.llm.apply_model(repack_tied_layers)
         if self.asleep:
@@ -343,7 +398,7 @@ class VLLMRolloutActor:
         t0 = time.perf_counter()
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=prompt) for _, prompt, _ in rows],
-            [self._sampling_params(R, seed, **sampling) for _, _, seed in rows], use_tqdm=False,
+            [self._sampling_params(R, seed, **sampling) for _, _, seed in rows], use_tqdm=False, lora_request=self.lora,
         )
         t1 = time.perf_counter()
         episodes = []
@@ -380,7 +435,7 @@ class VLLMRolloutActor:
                 [TokensPrompt(prompt_token_ids=rows[n][1] + ep["tokens"]) for n, ep in active],
                 [self._sampling_params(R - len(ep["tokens"]), derive_seed(rows[n][2], turn), stops, **sampling)
                  for n, ep in active],
-                use_tqdm=False,
+                use_tqdm=False, lora_request=self.lora,
             )
             t1 = time.perf_counter()
             for (_, ep), o in zip(active, outputs):
@@ -455,6 +510,38 @@ class VLLMRolloutActor:
         )
 
 
+def lora_engine_args(engine: EngineOptions) -> dict[str, Any]:
+    """vLLM's LoRA settings for an engine that serves shipped adapters (none when ``engine.lora_rank`` is 0): one
+    adapter at a time (a new version replaces the last), its rank rounded up to one vLLM supports, in the
+    engine's dtype (vLLM's default for LoRA weights)."""
+    if engine.lora_rank == 0:
+        return {}
+    from vllm.config.lora import MaxLoRARanks
+
+    rank = next(r for r in get_args(MaxLoRARanks) if r >= engine.lora_rank)
+    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
+
+
+def write_adapter(path: str, weights: Iterable[tuple[str, Any]], rank: int, alpha: float) -> str:
+    """A peft adapter directory at ``path`` (adapter_config.json, adapter_model.safetensors) holding ``weights``,
+    written under a temporary name and renamed into place: vLLM never reads a half-written adapter."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in weights}
+    targets = sorted({name.rpartition(".lora_")[0].rpartition(".")[2] for name in tensors})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    os.rename(tmp, path)
+    return path
+
+
 def repack_tied_layers(model: Any) -> int:
     """Re-run weight post-processing on the layers of a vLLM model that share one weight tensor; returns how many.
 
@@ -523,6 +610,10 @@ class RolloutGroup:
     def load_buckets(self, layouts: list[BucketLayout], refs: list[Any], version: int) -> None:
         """Every actor loads the same object-store buckets (:meth:`VLLMRolloutActor.load_buckets`)."""
         self._push(version, lambda actor: actor.load_buckets.remote(layouts, refs, version))
+
+    def load_adapters(self, layouts: list[BucketLayout], refs: list[Any], version: int) -> None:
+        """Every actor serves the same object-store LoRA adapters (:meth:`VLLMRolloutActor.load_adapters`)."""
+        self._push(version, lambda actor: actor.load_adapters.remote(layouts, refs, version))
 
     def _push(self, version: int, submit: Callable[[Any], Any]) -> None:
         """``submit(actor)`` on every actor. An actor busy with a chunk loads after it (an actor runs one call at a

@@ -273,6 +273,8 @@ def engine_options(
         seeded_sampling=cfg.rollout.seeded_sampling, seed=cfg.seed, chunked_prefill=cfg.rollout.chunked_prefill,
         max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
         sleep_mode=cfg.cluster.placement == "colocated" and cfg.cluster.num_gpus_per_learner > 0,
+        lora_rank=cfg.policy.lora_rank if cfg.rollout.lora_weights == "adapters" else 0,
+        lora_alpha=cfg.policy.lora_alpha,
     )
 
 

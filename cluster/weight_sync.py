@@ -21,6 +21,11 @@ touches the engine, and loads bucket by bucket through vLLM's lazy ``reload_weig
   broadcast; an engine lost during a broadcast makes that sync an object-store push for all (the same restart
   handling as every other call), and the group is rebuilt too.
 
+With ``rollout.lora_weights: adapters`` (:class:`AdapterSync`, over the object store) only the LoRA adapters travel,
+in one bucket layout like the weights': each engine was built with vLLM's LoRA support and holds the checkpoint's
+base weights from its start (never resent); it writes the adapters as a peft adapter directory and serves every
+request with them, as a new LoRA each version (the last one removed).
+
 Every wait has a deadline (``cluster.actor_timeout_s``, also the process group's timeout).
 """
 
@@ -54,6 +59,8 @@ class WeightSync:
     """The driver's side of a transport: :meth:`push` brings every engine to ``version``; ``bytes_per_engine`` is
     what the last push moved to each engine."""
 
+    adapters = False  # what learner 0 publishes: whole merged weights, or only the LoRA adapters (AdapterSync)
+
     def __init__(self, learners: Any, rollouts: RolloutGroup, dtype: str, bucket_bytes: int, timeout_s: float) -> None:
         self.learners, self.rollouts = learners, rollouts
         self.dtype, self.bucket_bytes, self.timeout_s = dtype, bucket_bytes, timeout_s
@@ -68,8 +75,9 @@ class WeightSync:
 
     def publish(self) -> tuple[list[BucketLayout], list[Any]]:
         """Learner 0's buckets put into the object store from its own process: layouts and ObjectRefs."""
-        dtype, size = self.dtype, self.bucket_bytes
-        results = on_learners(self.learners, lambda learner: learner.put_weight_buckets(dtype, size), self.timeout_s)
+        dtype, size, adapters = self.dtype, self.bucket_bytes, self.adapters
+        results = on_learners(self.learners, lambda learner: learner.put_weight_buckets(dtype, size, adapters),
+                              self.timeout_s)
         layouts, refs = next(r for r in results if r is not None)
         self.bytes_per_engine, self.num_buckets = sum(layout.nbytes for layout in layouts), len(layouts)
         return layouts, refs
@@ -81,6 +89,17 @@ class ObjectStoreSync(WeightSync):
     def push(self, version: int) -> None:
         layouts, refs = self.publish()
         self.rollouts.load_buckets(layouts, refs, version)
+
+
+class AdapterSync(WeightSync):
+    """``rollout.lora_weights: adapters``: learner 0 puts only the LoRA adapters, every engine fetches them and
+    serves them with vLLM's LoRA on top of its base weights (``VLLMRolloutActor.load_adapters``)."""
+
+    adapters = True
+
+    def push(self, version: int) -> None:
+        layouts, refs = self.publish()
+        self.rollouts.load_adapters(layouts, refs, version)
 
 
 class CollectiveSync(WeightSync):
@@ -139,6 +158,8 @@ class CollectiveSync(WeightSync):
 def make_weight_sync(cfg: ExperimentConfig, learners: Any, rollouts: RolloutGroup) -> WeightSync:
     """The run's transport (``rollout.weight_transport``), connected."""
     args = (learners, rollouts, cfg.rollout.dtype, cfg.rollout.weight_bucket_mb << 20, cfg.cluster.actor_timeout_s)
+    if cfg.rollout.lora_weights == "adapters":  # the config checked policy.lora_rank > 0 and object_store
+        return AdapterSync(*args)
     if cfg.rollout.weight_transport == "object_store":
         return ObjectStoreSync(*args)
     gpus = cfg.cluster.num_learners > 0 and cfg.cluster.num_gpus_per_learner > 0 and cfg.rollout.num_gpus_per_actor > 0

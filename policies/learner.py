@@ -187,13 +187,23 @@ class TokenPolicyLearner(TorchLearner):
         return rows, {k: np.concatenate(v) for k, v in outs.items()}
 
     # ------------------------------------------------------------------------------------------- weight sync
-    def engine_weights(self) -> dict[str, torch.Tensor]:
+    def engine_weights(self, adapters: bool = False) -> dict[str, torch.Tensor]:
         """The policy's parameters as the inference engines store them: Hugging Face names, LoRA adapters merged,
         tied aliases left out. What :func:`hf_weights` makes of ``get_weights()``, but the module's own tensors
-        (no copy; a LoRA merge makes new ones), so a weight sync never builds a NumPy copy of the whole state."""
+        (no copy; a LoRA merge makes new ones), so a weight sync never builds a NumPy copy of the whole state.
+
+        ``adapters`` (``rollout.lora_weights: adapters``): only the LoRA adapters, under the names of a saved peft
+        adapter (:func:`policies.lora.adapter_state`), which engines serving vLLM LoRA load on top of the base
+        weights they already hold; the frozen base is never shipped."""
         state = self.module[MODULE_ID].unwrapped().state_dict()
         lm = {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
         policy: PolicyConfig = self.config.policy
+        if adapters:
+            from policies.lora import adapter_state
+
+            if policy.lora_rank == 0:
+                raise ValueError("adapters were asked for, but the policy has none (policy.lora_rank is 0)")
+            return adapter_state(lm)
         if policy.lora_rank > 0:
             from policies.lora import merge_lora_state
 
@@ -203,15 +213,17 @@ class TokenPolicyLearner(TorchLearner):
         return {k: v for k, v in lm.items() if k not in self._weight_names.tied}
 
     def weight_buckets(
-        self, dtype: str, bucket_bytes: int, device: str = "cpu"
+        self, dtype: str, bucket_bytes: int, device: str = "cpu", adapters: bool = False
     ) -> tuple[list[BucketLayout], Iterator[torch.Tensor]]:
         """The layouts of :meth:`engine_weights` in buckets of ``bucket_bytes`` in the engines' ``dtype``, and a
         generator packing each bucket's bytes on ``device`` when asked (one bucket in memory at a time)."""
-        weights = self.engine_weights()
+        weights = self.engine_weights(adapters)
         layouts = plan_buckets(((k, v.shape) for k, v in weights.items()), dtype, bucket_bytes)
         return layouts, (pack_bucket(layout, weights, device) for layout in layouts)
 
-    def put_weight_buckets(self, dtype: str, bucket_bytes: int) -> tuple[list[BucketLayout], list[Any]] | None:
+    def put_weight_buckets(
+        self, dtype: str, bucket_bytes: int, adapters: bool = False
+    ) -> tuple[list[BucketLayout], list[Any]] | None:
         """Learner 0 only (others return None): :meth:`weight_buckets` put into Ray's object store from this
         process, one object per bucket; their layouts and ObjectRefs. The bytes never pass through the driver, and
         engines on one node map the node's single copy."""
@@ -219,7 +231,7 @@ class TokenPolicyLearner(TorchLearner):
 
         if self._learner_index != 0:
             return None
-        layouts, buckets = self.weight_buckets(dtype, bucket_bytes)
+        layouts, buckets = self.weight_buckets(dtype, bucket_bytes, adapters=adapters)
         return layouts, [ray.put(bucket.numpy()) for bucket in buckets]
 
     def get_rng_state(self) -> tuple[int, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""LoRA through peft: wrapping the policy, and merging adapters into plain weights for vLLM and export."""
+"""LoRA through peft: wrapping the policy, merging adapters into plain weights for vLLM and export, and the adapters
+alone as an inference engine loads them (peft's saved-adapter names)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ def merge_lora_state(
         delta = ab["B"] @ ab["A"]  # (out, in)
         merged[key] = (merged[key] + scaling * (delta.T if key in transposed else delta)).astype(merged[key].dtype)
     return merged
+
+
+def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters alone, under the names peft's ``save_pretrained`` gives them and vLLM loads:
+    ``base_model.model.<layer>.lora_A.weight`` / ``.lora_B.weight`` (peft's live state dict names the adapter,
+    ``.lora_A.default.weight``; a saved adapter file does not). The base weights are left out."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        for kind in (".lora_A.", ".lora_B."):
+            if kind in name:
+                layer, rest = name.split(kind)
+                out[f"{layer}{kind}{rest.split('.', 1)[1]}"] = value
+    return out

@@ -81,7 +81,8 @@ def test_async_bench_prints_its_staleness_table() -> None:
 @pytest.mark.vllm
 def test_weight_sync_bench_prints_its_table() -> None:
     """bench/weight_sync.py on the ~1M model, one round: every transport brought both engines to each new version
-    (the script checks), both moved the same bytes, and the table compares each with the copy bound."""
+    (the script checks), both moved the same bytes, and the table compares each with the copy bound; a rank-16 LoRA
+    policy synced as adapters moves a small part of the merged model's bytes."""
     out = run_script("bench/weight_sync.py", "--models", "1m", "--rounds", "1")
     assert re.search(r"^model 1m \(1\.\dM params, bfloat16: \d\.\d MB per engine in 1 bucket\(s\) of 64 MiB\), "
                      r"2 rollout actors", out, re.M), out
@@ -95,6 +96,11 @@ def test_weight_sync_bench_prints_its_table() -> None:
     assert re.search(rf"^\| 1m \| 1\.\dM \| \d\.\d \| \d+\.\d \| [\d,]+\.\d \|{cell * 3} \d+\.\d\dx "
                      r"\((object_store|collective)\) \| \d+\.\d\dx \|$",
                      out, re.M), out
+    lora = {name: re.search(rf"^  lora {name} +(\d+\.\d) ms/sync  (\d+\.\d\d) MB per engine$", out, re.M)
+            for name in ("merged", "adapters")}
+    assert all(lora.values()), out
+    assert 10 * float(lora["adapters"].group(2)) < float(lora["merged"].group(2)), out
+    assert re.search(r"^\| 1m \| [\d,]+\.\d \| \d\.\d\d \| [\d,]+\.\d \| \d\.\d\d \| \d+\.\d\dx \|$", out, re.M), out
 
 
 @pytest.mark.slow  # the long tier: a first run creates bench/.venv-trl (a 1.5 GB download, 5-6 min)

@@ -83,6 +83,18 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         # combinations that cannot be right name the fix
         ({"algorithm": {"objective": "vanilla_pg", "num_epochs": 2}}, "use num_epochs=1 or objective=ppo_clip"),
         ({"algorithm": {"kl_coef": 0.1, "kl_estimator": "k1", "kl_in": "loss"}}, "use k2"),
+        # rollout.lora_weights=adapters: adapters to ship, that vLLM serves, through the object store
+        ({"rollout": {"lora_weights": "adapters"}}, "policy.lora_rank is 0"),
+        ({"rollout": {"lora_weights": "bundle"}}, "rollout.lora_weights must be one of"),
+        ({"policy": {"lora_rank": 1024}, "rollout": {"lora_weights": "adapters"}}, "vLLM serves LoRA ranks up to 512"),
+        ({"policy": {"lora_rank": 4, "lora_target_modules": ["q_proj", "lm_head"]},
+          "rollout": {"lora_weights": "adapters"}}, "policy.lora_target_modules has ['lm_head']"),
+        ({"policy": {"lora_rank": 4, "arch": "gpt2"}, "rollout": {"lora_weights": "adapters"}}, "no LoRA support for GPT-2"),
+        ({"policy": {"lora_rank": 4}, "rollout": {"lora_weights": "adapters", "weight_transport": "collective"}},
+         "set rollout.weight_transport=object_store"),
+        ({"policy": {"lora_rank": 4}, "rollout": {"lora_weights": "adapters"},
+          "cluster": {"placement": "colocated", "num_learners": 1, "num_gpus_per_learner": 1}},
+         "use cluster.placement=disaggregated"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict, message: str) -> None:

@@ -15,7 +15,8 @@ from cluster.config import ConfigError, build_config, load_config
 from cluster.rollout import EngineOptions, RolloutGroup
 from cluster.run import prepare_policy
 from cluster.trainer import Trainer
-from cluster.weight_sync import CollectiveSync, ObjectStoreSync
+from cluster.evaluation import heldout_problems
+from cluster.weight_sync import AdapterSync, CollectiveSync, ObjectStoreSync
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.learner import MODULE_ID, build_learner_group, hf_weights
 from policies.models import load_tokenizer, weight_names
@@ -29,8 +30,8 @@ TIMEOUT_S = 120.0
 def trainer_for(tmp_path: Path, **sections: dict[str, Any]) -> Trainer:
     """A real Trainer of the default task on a tiny policy: 2 engines, 32 prompts per iteration."""
     cfg = build_config({
-        "policy": {k: v for k, v in TINY.items() if k != "max_positions"},
-        "algorithm": {"minibatch_size": 16, "num_epochs": 1},
+        "policy": {**{k: v for k, v in TINY.items() if k != "max_positions"}, **sections.get("policy", {})},
+        "algorithm": {"minibatch_size": 16, "num_epochs": 1, **sections.get("algorithm", {})},
         "rollout": {"num_actors": 2, "prompts_per_iteration": 32, **sections.get("rollout", {})},
         "cluster": sections.get("cluster", {}),
     })
@@ -76,6 +77,45 @@ def test_each_transport_gives_every_engine_the_learners_weights(ray_session, tmp
             trainer.sync_weights()
             row = trainer.run_iteration(3)[0]
             assert row["weights/version"] == 5 and row["rollout/logprob_gap"] < 1e-3, row
+    finally:
+        trainer.shutdown()
+
+
+def test_lora_adapters_alone_make_the_engine_sample_the_learners_policy_as_merged_weights_do(
+        ray_session, tmp_path: Path) -> None:
+    """rollout.lora_weights=adapters: each sync ships only the LoRA adapters (sync_bytes: their size, a small part of
+    the model's), the engine applies them with vLLM's LoRA on its base weights, and it samples the learner's policy
+    as closely as from merged weights: the same log-prob gap, the same greedy responses. A restarted engine serves
+    the newest adapters again."""
+    import ray
+
+    trainer = trainer_for(tmp_path, policy={"lora_rank": 2}, algorithm={"lr": 5e-2},
+                          rollout={"num_actors": 1, "lora_weights": "adapters"})
+    try:
+        assert isinstance(trainer.weight_sync, AdapterSync)
+        problems = heldout_problems(trainer.cfg.env, 0, 16)
+        trainer.sync_weights()  # version 1: adapters still zero (peft starts B at 0), the base model
+        before = trainer.rollouts.sample(8, 1, seed=5, version=1)
+        rows = [trainer.run_iteration(i)[0] for i in (1, 2)]  # iteration 2 samples with the adapters of update 1
+        adapter_gap, adapter_bytes = rows[-1]["rollout/logprob_gap"], rows[-1]["weights/sync_bytes"]
+        adapters = trainer.learners._learner.engine_weights(adapters=True)
+        assert adapter_bytes == 4 * sum(v.numel() for v in adapters.values())  # float32 engine: the adapters only
+        after = trainer.rollouts.sample(8, 1, seed=5, version=3)
+        assert not np.allclose(after["sampling_logp"], before["sampling_logp"])  # the adapters changed the policy
+        greedy = [r["response"] for r in trainer.rollouts.respond(problems, 0.0, 0, version=3)]
+
+        ray.kill(trainer.rollouts.actors[0], no_restart=False)  # restarts with the base weights alone...
+        restarted = [r["response"] for r in trainer.rollouts.respond(problems, 0.0, 0, version=3)]
+        assert trainer.supervisor.take_restarts() == 1 and restarted == greedy  # ...and is given the adapters back
+
+        # The same learner state as merged weights, into the same engine: its base weights are replaced and no
+        # adapters apply on top of them.
+        trainer.weight_sync = ObjectStoreSync(trainer.learners, trainer.rollouts, "float32", 64 << 20, TIMEOUT_S)
+        trainer.sync_weights()
+        assert [r["response"] for r in trainer.rollouts.respond(problems, 0.0, 0, version=4)] == greedy
+        merged = trainer.run_iteration(4)[0]
+        assert 10 * adapter_bytes < merged["weights/sync_bytes"], (adapter_bytes, merged["weights/sync_bytes"])
+        assert adapter_gap < max(10 * merged["rollout/logprob_gap"], 1e-5), (adapter_gap, merged["rollout/logprob_gap"])
     finally:
         trainer.shutdown()
 

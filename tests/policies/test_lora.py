@@ -13,7 +13,7 @@ from cluster.trainer import build_batch
 from policies.columns import ADVANTAGES, INPUT_IDS, LOGP, OLD_LOGP, OLD_VALUES, RESPONSE_MASK, RETURNS
 from policies.config import AlgorithmConfig, PolicyConfig
 from policies.learner import MODULE_ID, build_learner_group, hf_weights
-from policies.lora import merge_lora_state
+from policies.lora import adapter_state, merge_lora_state
 from policies.models import load_causal_lm, weight_names
 
 from test_learner import ragged_rollouts  # noqa: E402  (same folder)
@@ -116,4 +116,24 @@ def test_merged_weights_match_peft_merge_and_unload(tmp_path: Path, arch: str) -
     assert set(shipped) == set(merged)
     for k, v in shipped.items():
         np.testing.assert_array_equal(v.numpy(), merged[k], err_msg=k)
+    group.shutdown()
+
+
+def test_adapter_state_is_what_peft_saves(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The adapters a sync ships (rollout.lora_weights=adapters) carry the names and values of peft's own saved
+    adapter file, the format vLLM loads, and nothing of the base model."""
+    from safetensors.torch import load_file
+
+    group = build_learner_group(AlgorithmConfig(lr=1e-2), LORA, str(tiny_model_dir), 0, 0)
+    learner = group._learner
+    group.update(batch=MultiAgentBatch({MODULE_ID: SampleBatch(lora_batch())}, env_steps=8), num_epochs=2,
+                 minibatch_size=8)
+    shipped = learner.engine_weights(adapters=True)
+    learner.module[MODULE_ID].unwrapped().lm.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(shipped) == sorted(saved) and len(saved) == 2 * 7 * 2  # A and B of 7 projections, 2 layers
+    for name, value in saved.items():
+        torch.testing.assert_close(shipped[name], value, rtol=0, atol=0, msg=name)
+    assert any(shipped[n].abs().max() > 0 for n in shipped if "lora_B" in n)  # trained: B moved from 0
+    assert adapter_state({"base_model.model.norm.weight": torch.ones(2)}) == {}
     group.shutdown()

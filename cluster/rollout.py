@@ -380,7 +380,8 @@ class VLLMRolloutActor:
             episodes.append({"env": env, "tokens": [], "actions": [], "logp": [], "action_rewards": [], "done": False,
                              "pending": None, "terminated": False, "score": 0.0, "reward_errors": 0, "generated": 0,
                              "turns": 0})
-        engine, in_flight = self.llm.llm_engine, {}  # request id -> episode index
+        engine = self.llm.llm_engine
+        in_flight: dict[str, int] = {}  # this call's requests in the engine: request id -> episode index
 
         def submit(n: int) -> None:
             ep = episodes[n]

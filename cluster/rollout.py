@@ -412,10 +412,19 @@ class VLLMRolloutActor:
         return episodes, {"generate_s": t1 - t0, "replay_s": time.perf_counter() - t1}
 
     def _play_turns(self, rows: list[tuple[TaskSample, list[int], int]], **sampling: Any) -> tuple[list[dict], dict]:
-        """Multi-turn: vLLM generates every unfinished episode's next turn (stopping at the turn-end token), the
-        episode's own environment steps through it and appends its reply, and the next turn continues from the
-        prompt plus everything so far. The replies are context tokens, not actions."""
+        """Multi-turn, scheduled per episode: each turn is one engine request (the prompt plus everything so far,
+        stopping at EOS or the turn-end token); when it finishes, the episode's own environment steps through it
+        and appends its reply, and the episode's next turn joins the engine's running batch at once, while the
+        other episodes' turns are still generating: no episode waits for the slowest turn of a lock-step round.
+        The replies are context tokens, not actions.
+
+        Turn ``t`` of an episode is seeded ``derive_seed(row seed, t)`` whatever else is in flight, so an episode
+        is the one it would be if played alone. ``generate_s`` is the time in the engine (adding requests, its
+        steps), ``replay_s`` the time stepping environments between steps. If anything raises, the requests still
+        in the engine are aborted, so the next call starts from an idle engine.
+        """
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         R = self.env.max_response_tokens
         stops = [self.tokenizer.eos_token_id, self.env.turn_end_id]
@@ -424,44 +433,73 @@ class VLLMRolloutActor:
             env = self._episode_env(n)
             env.reset(options={"sample": sample})
             episodes.append({"env": env, "tokens": [], "actions": [], "logp": [], "action_rewards": [], "done": False,
-                             "pending": None, "terminated": False, "score": 0.0, "reward_errors": 0, "generated": 0})
+                             "pending": None, "terminated": False, "score": 0.0, "reward_errors": 0, "generated": 0,
+                             "turns": 0})
+        engine = self.llm.llm_engine
+        in_flight: dict[str, int] = {}  # this call's requests in the engine: request id -> episode index
+
+        def submit(n: int) -> None:
+            ep = episodes[n]
+            params = self._sampling_params(R - len(ep["tokens"]), derive_seed(rows[n][2], ep["turns"]), stops,
+                                           **sampling)
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
+            (prompt,) = self.llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=rows[n][1] + ep["tokens"])])
+            request_id = str(next(self.llm.request_counter))  # LLM.generate's own counter: ids never repeat
+            engine.add_request(request_id, prompt, params, lora_request=self.lora)
+            in_flight[request_id] = n
+            ep["turns"] += 1
+
         timings = {"generate_s": 0.0, "replay_s": 0.0}
-        for turn in range(R):  # every turn adds at least one token, so R turns always finish every episode
-            active = [(n, ep) for n, ep in enumerate(episodes) if not ep["done"]]
-            if not active:
-                break
+        try:
             t0 = time.perf_counter()
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=rows[n][1] + ep["tokens"]) for n, ep in active],
-                [self._sampling_params(R - len(ep["tokens"]), derive_seed(rows[n][2], turn), stops, **sampling)
-                 for n, ep in active],
-                use_tqdm=False, lora_request=self.lora,
-            )
-            t1 = time.perf_counter()
-            for (_, ep), o in zip(active, outputs):
-                completion = o.outputs[0]
-                ep["generated"] += len(completion.token_ids)
-                for token, lp in zip(completion.token_ids, completion.logprobs):
-                    reward, terminated, truncated, info = ep["env"].advance(int(token), defer=True)
-                    ep["tokens"].append(int(token))
-                    ep["actions"].append(1)
-                    ep["logp"].append(next(iter(lp.values())).logprob)
-                    ep["action_rewards"].append(reward)
-                    ep["reward_errors"] += int(info.get("reward_error", False))
-                    for env_token in info.get("env_tokens", ()):
-                        ep["tokens"].append(int(env_token))
-                        ep["actions"].append(0)
-                        ep["logp"].append(0.0)
-                    if terminated or truncated:
-                        ep.update(done=True, terminated=terminated, score=float(info.get("score", 0.0)),
-                                  pending=info.get("pending"))
-                        break
-            timings["generate_s"] += t1 - t0
-            timings["replay_s"] += time.perf_counter() - t1
+            for n in range(len(rows)):
+                submit(n)
+            while in_flight:
+                finished = [o for o in engine.step() if o.finished]
+                t1 = time.perf_counter()
+                going_on = []
+                for o in finished:
+                    n = in_flight.pop(o.request_id)
+                    if not o.outputs[0].token_ids:  # every turn adds a token, else an episode would never end
+                        raise RuntimeError(f"vLLM finished a turn without a token ({o.outputs[0].finish_reason})")
+                    if not self._take_turn(episodes[n], o.outputs[0]):
+                        going_on.append(n)
+                t2 = time.perf_counter()
+                for n in going_on:
+                    submit(n)
+                t3 = time.perf_counter()
+                timings["generate_s"] += (t1 - t0) + (t3 - t2)
+                timings["replay_s"] += t2 - t1
+                t0 = t3
+        except BaseException:
+            engine.abort_request(list(in_flight))  # what is left of this call must not run into the next one
+            raise
         for ep in episodes:
             ep["rewards"] = np.asarray(ep.pop("action_rewards"), np.float32)  # score_pending adds to the last one
-            del ep["env"]
+            del ep["env"], ep["turns"]
         return episodes, timings
+
+    @staticmethod
+    def _take_turn(ep: dict[str, Any], completion: Any) -> bool:
+        """Step the episode's environment through one generated turn (its tokens, then the reply it appends);
+        whether the episode ended."""
+        ep["generated"] += len(completion.token_ids)
+        for token, lp in zip(completion.token_ids, completion.logprobs):
+            reward, terminated, truncated, info = ep["env"].advance(int(token), defer=True)
+            ep["tokens"].append(int(token))
+            ep["actions"].append(1)
+            ep["logp"].append(next(iter(lp.values())).logprob)
+            ep["action_rewards"].append(reward)
+            ep["reward_errors"] += int(info.get("reward_error", False))
+            for env_token in info.get("env_tokens", ()):
+                ep["tokens"].append(int(env_token))
+                ep["actions"].append(0)
+                ep["logp"].append(0.0)
+            if terminated or truncated:
+                ep.update(done=True, terminated=terminated, score=float(info.get("score", 0.0)),
+                          pending=info.get("pending"))
+                break  # the environment may end the episode before vLLM stopped
+        return ep["done"]
 
     def _episode_env(self, n: int) -> TokenEnv:
         """The n-th environment of a pool that multi-turn play keeps across calls (one per concurrent episode)."""

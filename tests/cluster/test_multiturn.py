@@ -19,6 +19,8 @@ from textenv import EnvConfig, TaskSample
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 ENV = EnvConfig(id="textenv/GuessNumber-v0", task_kwargs={"high": 9, "max_turns": 4})
+# The same game, except that a secret written "fail" makes the task raise in the middle of its episode.
+FAILING = EnvConfig(id=ENV.id, task="tests.multiturn_reference:GuessOrFailTask", task_kwargs=ENV.task_kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,38 @@ def test_learner_sees_the_same_context_as_vllm(rollouts: dict, guess_model: Path
     stats = group_rollout_stats(group, batch, 64)
     group.shutdown()
     assert np.abs(stats[OLD_LOGP] - batch[SAMPLING_LOGP])[mask].mean() < 1e-3
+
+
+def test_each_episode_of_a_batch_is_the_one_played_alone(ray_session, guess_model: Path) -> None:
+    """Turns are scheduled per episode (a turn joins the engine as soon as its episode's last turn is stepped),
+    which changes when a turn runs, never what it samples: every episode of a batch is token for token the same
+    episode played alone, one ``LLM.generate`` call per turn. A task that raises mid-rollout leaves no request
+    behind in the engine: the next calls run as if it had not happened."""
+    import ray
+
+    from tests.multiturn_reference import AloneRolloutActor
+
+    engine = EngineOptions(str(guess_model), "float32", 64, 64, 1.0, 1, 0.3, True, 0)
+    actor = ray.remote(num_cpus=1)(AloneRolloutActor).remote(0, FAILING, engine)
+    try:
+        ray.get(actor.ready.remote())
+        batched = ray.get(actor.sample.remote(16, 2, 5, 0))
+        posed = [TaskSample("0-9:", "fail")] + [TaskSample("0-9:", str(d)) for d in range(10)]
+        with pytest.raises(ray.exceptions.RayTaskError, match="failed on purpose"):
+            ray.get(actor.respond.remote(posed, 1.0, 0, 0))
+        again = ray.get(actor.sample.remote(16, 2, 5, 0))
+        alone = ray.get(actor.play_alone.remote(16, 2, 5))
+    finally:
+        ray.kill(actor)
+    turns = [ep["turn_lengths"] for ep in alone]
+    assert len({len(t) for t in turns}) > 1 and len({t[0] for t in turns}) > 1, turns  # lock-step would differ
+    for key in ("response_ids", "action_mask", "sampling_logp", "rewards", "score"):
+        np.testing.assert_array_equal(again[key], batched[key], err_msg=key)
+    for n, ep in enumerate(alone):
+        L = batched["response_length"][n]
+        assert batched["response_ids"][n, :L].tolist() == ep["tokens"], n
+        assert batched["action_mask"][n, :L].tolist() == ep["actions"], n
+        np.testing.assert_array_equal(batched["sampling_logp"][n, :L], np.float32(ep["logp"]), err_msg=str(n))
+        np.testing.assert_array_equal(batched["rewards"][n, :L][batched["action_mask"][n, :L] > 0],
+                                      np.float32(ep["rewards"]), err_msg=str(n))
+        assert batched["score"][n] == ep["score"], n

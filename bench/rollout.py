@@ -56,7 +56,7 @@ MODELS = {  # name: (save_tiny_policy sizes, extra symbols beyond the task's alp
     "tiny": (dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256), 0),
     "34m": (dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376), 8192 - 11),
 }
-USER_ENV = ("RAY_memory_monitor_refresh_ms",)  # what the benchmarks' docstrings tell a user to set (Ray sets others)
+USER_ENV = ("OMP_NUM_THREADS", "RAY_memory_monitor_refresh_ms")  # settings a user may give a benchmark (Ray sets others)
 GOALS = {"vllm": 0.9, "hf": 2.5}  # tokengym / raw vLLM; tokengym / HF generate (the 34M model)
 
 

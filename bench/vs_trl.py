@@ -257,7 +257,8 @@ def outcome(run: dict[str, Any], bars: list[float], window: int) -> dict[str, An
 
 
 def median_or_never(values: list[float | None]) -> float | None:
-    """The median, counting a run that never got there as slower than every run that did (None: most never did)."""
+    """The median (the lower middle value of an even count), counting a run that never got there as slower than
+    every run that did (None: most never did)."""
     ordered = sorted(values, key=lambda v: float("inf") if v is None else v)
     return ordered[(len(ordered) - 1) // 2]
 

@@ -281,7 +281,7 @@ def main() -> None:
     print(table)
     if args.record:
         report = "\n".join(line for row in rows for line in row["report"])
-        record("weight_sync.py", load_before, report, table, note=" (a shared machine)")
+        record("weight_sync.py", load_before, report, table)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,8 @@ def record(script: str, load_before: tuple[float, ...], report: str, table: str,
     its niceness and the Ray settings it was given come first), the machine and its load before and after (``note``
     follows), the report and the table."""
     prefix = [f"{k}={os.environ[k]}" for k in USER_ENV if k in os.environ]
-    prefix += [f"nice -n {os.nice(0)}"] if os.nice(0) else []
+    niceness = os.nice(0)
+    prefix += [f"nice -n {niceness}"] if niceness else []
     command = " ".join([*prefix, ".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
     load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after{note}"
     with open(results, "a") as f:

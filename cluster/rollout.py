@@ -9,6 +9,7 @@ model) scores all of a call's responses at once. New policy weights arrive by
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -563,8 +564,6 @@ def lora_engine_args(engine: EngineOptions) -> dict[str, Any]:
 def write_adapter(path: str, weights: Iterable[tuple[str, Any]], rank: int, alpha: float) -> str:
     """A peft adapter directory at ``path`` (adapter_config.json, adapter_model.safetensors) holding ``weights``,
     written under a temporary name and renamed into place: vLLM never reads a half-written adapter."""
-    import json
-
     from safetensors.torch import save_file
 
     tensors = {name: t.contiguous() for name, t in weights}

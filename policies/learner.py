@@ -196,21 +196,16 @@ class TokenPolicyLearner(TorchLearner):
         adapter (:func:`policies.lora.adapter_state`), which engines serving vLLM LoRA load on top of the base
         weights they already hold; the frozen base is never shipped."""
         state = self.module[MODULE_ID].unwrapped().state_dict()
-        lm = {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
         policy: PolicyConfig = self.config.policy
         if adapters:
             from policies.lora import adapter_state
 
             if policy.lora_rank == 0:
                 raise ValueError("adapters were asked for, but the policy has none (policy.lora_rank is 0)")
-            return adapter_state(lm)
-        if policy.lora_rank > 0:
-            from policies.lora import merge_lora_state
-
-            merged = merge_lora_state({k: v.detach().cpu().numpy() for k, v in lm.items()},
-                                      policy.lora_alpha / policy.lora_rank, transposed=self._weight_names.transposed)
-            lm = {k: torch.from_numpy(v) for k, v in merged.items()}
-        return {k: v for k, v in lm.items() if k not in self._weight_names.tied}
+            return adapter_state(lm_state(state))
+        if policy.lora_rank > 0:  # the merge is NumPy's (policies/lora.py), so it runs on CPU copies
+            state = {k: v.cpu().numpy() for k, v in state.items() if k.startswith(LM_PREFIX)}
+        return {k: torch.as_tensor(v) for k, v in hf_weights(state, policy, self._weight_names).items()}
 
     def weight_buckets(
         self, dtype: str, bucket_bytes: int, device: str = "cpu", adapters: bool = False
@@ -287,14 +282,20 @@ def learner_results(results: Any) -> list[Any]:
     return values
 
 
-def hf_weights(module_state: dict[str, np.ndarray], policy: PolicyConfig, names: WeightNames) -> dict[str, np.ndarray]:
+def lm_state(module_state: dict[str, Any]) -> dict[str, Any]:
+    """The Hugging Face model's entries of the RLModule's state, under the model's own names."""
+    return {k[len(LM_PREFIX):]: v for k, v in module_state.items() if k.startswith(LM_PREFIX)}
+
+
+def hf_weights(module_state: dict[str, Any], policy: PolicyConfig, names: WeightNames) -> dict[str, Any]:
     """The policy's weights under Hugging Face names, adapters merged: what vLLM's ``reload_weights`` takes.
+    Arrays (``get_weights()``) or tensors (the module's own) pass through as they are; a LoRA merge gives arrays.
 
     ``names`` (``weight_names(policy directory)``) says which names are tied aliases of another parameter
     (``lm_head.weight`` with tied embeddings): they are left out, as ``save_pretrained`` leaves them out, since the
     engine has no tensor of their own; and which weights are stored transposed (GPT-2's Conv1D) for the LoRA merge.
     """
-    lm = {k[len(LM_PREFIX):]: np.asarray(v) for k, v in module_state.items() if k.startswith(LM_PREFIX)}
+    lm = lm_state(module_state)
     if policy.lora_rank > 0:
         from policies.lora import merge_lora_state
 

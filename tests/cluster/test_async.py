@@ -37,14 +37,18 @@ def test_one_step_stale_rollouts_overlap_the_update_stay_in_bound_and_learn(tmp_
     rows = read_metrics(only_run(tmp_path))
     assert [r["iteration"] for r in rows] == list(range(1, 25))
     assert [r["weights/version"] for r in rows] == list(range(2, 26))  # one push per update, as when synchronous
-    # Iteration 1's batch is sampled with the first weights; from then on each batch was queued a version earlier.
+    # Iteration 1's batch is sampled with the first weights. From then on each engine starts its first chunk of the
+    # next batch as soon as it is free, before the update: every batch has one-version-old samples. How many of its
+    # chunks start before the sync depends on how long a chunk takes against the update (the machine), so not asserted.
     assert rows[0]["rollout/staleness"] == 0
-    assert all(r["rollout/staleness_max"] <= 1 for r in rows)
-    assert sum(r["rollout/staleness"] for r in rows[1:]) / 23 > 0.5, [r["rollout/staleness"] for r in rows]
-    # The generation overlapped the update: the wait for a batch is far shorter than the engines worked on it.
-    waits = sum(r["timing/rollout_s"] for r in rows[1:])
-    busy = sum(r["timing/engines_busy_s"] for r in rows[1:])
-    assert waits < 0.5 * busy, (waits, busy)
+    assert all(r["rollout/staleness_max"] == 1 and r["rollout/staleness"] > 0 for r in rows[1:]), \
+        [(r["rollout/staleness"], r["rollout/staleness_max"]) for r in rows]
+    # The generation overlapped the learner's phase (pre-update log-probs, update, sync): of the engines' work on a
+    # batch, what the driver did not wait for was done during that phase; it covers most of whichever is shorter.
+    overlap = sum(r["timing/engines_busy_s"] - r["timing/rollout_s"] for r in rows[1:])
+    learner = [r["timing/iteration_s"] - r["timing/rollout_s"] for r in rows[:-1]]  # the phase before batch i + 1
+    bound = sum(min(busy, phase) for busy, phase in zip((r["timing/engines_busy_s"] for r in rows[1:]), learner))
+    assert overlap > 0.5 * bound, (overlap, bound)
     # The correction saw one-version-old samples: weights around 1, some of them off it.
     assert all(0.5 < r["rollout/is_weight_mean"] < 1.5 for r in rows)
     assert any(abs(r["rollout/is_weight_mean"] - 1) > 1e-3 for r in rows[1:])

@@ -88,8 +88,9 @@ class RawVLLM:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from cluster.rollout import use_chunked_prefill
+        from cluster.rollout import skip_sampler_compile, use_chunked_prefill
 
+        skip_sampler_compile(current_platform.is_cpu())  # as a rollout actor's engine
         self.opts = opts
         self.llm = LLM(
             model=os.fspath(opts.model_dir), dtype=opts.dtype, enforce_eager=True, seed=opts.seed,

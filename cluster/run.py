@@ -249,12 +249,15 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
 
 def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], store: Storage | None) -> None:
     """The run itself: policy, Ray, trainer, tracker, the loop, then the artifacts."""
-    from cluster.trainer import Trainer
+    from cluster.trainer import Trainer, timed
     from policies.models import load_tokenizer
 
+    # Where the start went, as the user waits: logged with the first iteration (docs/metrics.md, startup/*).
+    startup = {"startup/launch_s": seconds_since_launch()}  # the interpreter, imports, the config and its checks
     if resume and store is not None:  # storage is the truth: its latest checkpoint, metrics and W&B id
         download_run(store, run_dir)
-    model_dir = prepare_policy(cfg, run_dir)
+    with timed(startup, "policy", "startup"):
+        model_dir = prepare_policy(cfg, run_dir)
     dump_config(cfg, run_dir / CONFIG_FILE)
     if store is not None:
         store.upload(run_dir / CONFIG_FILE, CONFIG_FILE)  # --resume auto finds a run before its first checkpoint
@@ -264,19 +267,23 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
     checkpoint = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
     start = int(read_state(checkpoint)["iteration"]) if checkpoint else 0
 
-    init_ray(cfg)
+    with timed(startup, "ray", "startup"):
+        init_ray(cfg)
     data = EpochOrder.for_task(env.task, cfg.seed)  # a dataset task's rows, served in epochs by the driver
     trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens, data=data,
                       name=f"tokengym:{run_dir.name}")  # the placement group's name on Ray
     exit_code = 1
     tracker = None
     try:
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-        else:
-            trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
-        tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), start, cfg.iterations, console)
-        train_loop(cfg, trainer, tracker, start, run_dir, store)
+        with timed(startup, "first_sync", "startup"):
+            if checkpoint is not None:
+                trainer.restore(checkpoint)
+            else:
+                trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
+        with timed(startup, "tracking", "startup"):  # W&B's start
+            tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), start, cfg.iterations, console)
+        startup.update(trainer.startup, **{"startup/total_s": seconds_since_launch()})
+        train_loop(cfg, trainer, tracker, start, run_dir, store, startup)
         if cfg.tracking.log_artifacts:
             log_artifacts(tracker, run_dir)
         exit_code = 0
@@ -289,11 +296,20 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
         trainer.shutdown()
 
 
+def seconds_since_launch() -> float:
+    """Seconds since this process started (what a user waited since typing the command, for the CLI)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def train_loop(
     cfg: ExperimentConfig, trainer: Trainer, tracker: Tracker, start: int, run_dir: Path, store: Storage | None,
+    startup: dict[str, float] | None = None,
 ) -> None:
-    """Iterations ``start + 1 .. cfg.iterations``: train, evaluate and log samples when due, log, checkpoint (and
-    copy the checkpoint, then the metrics up to it, to ``store``)."""
+    """Iterations ``start + 1 .. cfg.iterations``: train, evaluate and log samples when due, log (the first
+    iteration with ``startup``, where this process's start went), checkpoint (and copy the checkpoint, then the
+    metrics up to it, to ``store``)."""
     every, samples_every = cfg.eval.every, cfg.tracking.log_samples_every
     if every > 0 and start == 0:  # the policy before any update, as iteration 0
         scores, examples = trainer.evaluate()
@@ -301,6 +317,8 @@ def train_loop(
         tracker.log({"iteration": 0, **scores})
     for iteration in range(start + 1, cfg.iterations + 1):
         metrics, rollouts = trainer.run_iteration(iteration)
+        if iteration == start + 1:
+            metrics.update(startup or {})
         if samples_every > 0 and iteration % samples_every == 0:
             tracker.log_samples(iteration, "train", rollouts)
         if every > 0 and iteration % every == 0:
@@ -338,6 +356,26 @@ def plot_summary(run_dir: Path) -> Path | None:
         return None
 
 
+# Logged with a process's first iteration (docs/metrics.md): the driver's phases, each rollout actor's (the slowest's),
+# and the total from the process's start to its first iteration.
+STARTUP_KEYS = tuple(f"startup/{part}_s" for part in (
+    "launch", "policy", "ray", "actors", "actor_process", "actor_import", "actor_engine", "actor_warmup", "learners",
+    "first_sync", "tracking", "total"))
+STARTUP_PARTS = (("launch", "launch"), ("policy", "policy"), ("ray", "Ray"), ("actors", "rollout actors"),
+                 ("learners", "learners"), ("first_sync", "first weight sync"), ("tracking", "tracking"))
+
+
+def startup_line(row: dict[str, Any]) -> str:
+    """``startup/*`` of a metrics row in words: the total and its parts, the engines' inside the actors'."""
+    parts = [f"{label} {row[f'startup/{key}_s']:.1f}s" for key, label in STARTUP_PARTS
+             if row.get(f"startup/{key}_s") is not None]
+    engine = [f"{label} {row[f'startup/actor_{part}_s']:.1f}s" for part, label in (
+        ("process", "process"), ("import", "vLLM import"), ("engine", "engine build"), ("warmup", "warm-up"))
+        if row.get(f"startup/actor_{part}_s") is not None]
+    inside = f" (of which, in the slowest actor: {', '.join(engine)})" if engine else ""
+    return f"{row['startup/total_s']:.1f}s: {', '.join(parts)}{inside}"
+
+
 def run_summary(run_dir: Path, last: int = 5, stored: str | None = None) -> str:
     """A finished run in a few lines: final reward (mean of the last ``last`` iterations), best eval accuracy, mean
     time per phase, and where its files are (``stored``: its URI in storage)."""
@@ -364,6 +402,9 @@ def run_summary(run_dir: Path, last: int = 5, stored: str | None = None) -> str:
             phases.append(f"{phase} {sum(times) / len(times):.3g}s")
     if phases:
         lines.append(f"  time per phase  {', '.join(phases)} (mean per iteration)")
+    started = [r for r in rows if r.get("startup/total_s") is not None]
+    if started:  # this run's latest start (a resumed run starts again)
+        lines.append(f"  start-up        {startup_line(started[-1])}")
     lines.append(f"  metrics         {run_dir / METRICS_FILE}")
     checkpoint = latest_checkpoint(run_dir / CHECKPOINTS)
     if checkpoint is not None:

@@ -41,10 +41,10 @@ from textenv import EpochOrder
 
 
 @contextmanager
-def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+def timed(timings: dict[str, float], phase: str, group: str = "timing") -> Iterator[None]:
     start = time.perf_counter()
     yield
-    timings[f"timing/{phase}_s"] = time.perf_counter() - start
+    timings[f"{group}/{phase}_s"] = time.perf_counter() - start
 
 
 class Trainer:
@@ -65,6 +65,7 @@ class Trainer:
             cfg.algorithm.gamma, cfg.algorithm.lam, cfg.rollout.samples_per_prompt, credit=cfg.algorithm.credit
         )
         seed_all(cfg.seed)  # RLlib shuffles minibatches with numpy's global generator: runs repeat per seed
+        self.startup: dict[str, float] = {}  # where this trainer's start went (startup/* of the first logged row)
         # Actors read model and data files from copies on their own nodes, shipped once through Ray (cluster/files.py).
         # Held for the run: their objects must outlive every actor (a restarted one on a new node copies again).
         storage = cfg.cluster.node_storage
@@ -91,23 +92,29 @@ class Trainer:
         storage = cfg.cluster.node_storage
         # Deadlines and restarts of the rollout and reward-model actors; the loop below stays free of them.
         self.supervisor = supervisor_for(cfg)
-        self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor, self.placement, storage)
-                             if cfg.reward_model.path is not None else None)
-        self.rollouts = RolloutGroup(
-            cfg.rollout.num_actors, self.actor_env, engine, cfg.rollout.num_gpus_per_actor,
-            batch_reward=self.reward_model.reward if self.reward_model is not None else None,
-            num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor, placement=self.placement,
-        )
+        with timed(self.startup, "actors", "startup"):  # until every engine is built and warm
+            self.reward_model = (RewardModelServer(cfg.reward_model, self.supervisor, self.placement, storage)
+                                 if cfg.reward_model.path is not None else None)
+            self.rollouts = RolloutGroup(
+                cfg.rollout.num_actors, self.actor_env, engine, cfg.rollout.num_gpus_per_actor,
+                batch_reward=self.reward_model.reward if self.reward_model is not None else None,
+                num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor, placement=self.placement,
+            )
+        # Inside each rollout actor (the slowest one's): its process's start until the actor's constructor runs (Ray's
+        # worker, the imports of this package), vLLM's import, the engine's build, its first generate call.
+        for part in ("process", "import", "engine", "warmup"):
+            self.startup[f"startup/actor_{part}_s"] = max(info.get(f"{part}_s", 0.0) for info in self.rollouts.info)
         remote = cfg.cluster.num_learners > 0  # a learner in this process reads the driver's paths
         critic = cfg.policy.critic_model_path
-        self.learners = build_learner_group(
-            cfg.algorithm, cfg.policy, self.policy_files if remote else str(model_dir), cfg.cluster.num_learners,
-            cfg.cluster.num_gpus_per_learner, temperature=cfg.rollout.temperature, seed=cfg.seed,  # learner k: seed + k
-            critic_model_path=ship(critic, storage) if remote and critic is not None else None,
-            placement_group=self.placement.group, resources_per_learner=cfg.cluster.learner_resources,
-        )
-        # From learner 0 to the engines (rollout.weight_transport); a collective one builds its group here.
-        self.weight_sync = make_weight_sync(cfg, self.learners, self.rollouts)
+        with timed(self.startup, "learners", "startup"):
+            self.learners = build_learner_group(
+                cfg.algorithm, cfg.policy, self.policy_files if remote else str(model_dir), cfg.cluster.num_learners,
+                cfg.cluster.num_gpus_per_learner, temperature=cfg.rollout.temperature, seed=cfg.seed,  # learner k: +k
+                critic_model_path=ship(critic, storage) if remote and critic is not None else None,
+                placement_group=self.placement.group, resources_per_learner=cfg.cluster.learner_resources,
+            )
+            # From learner 0 to the engines (rollout.weight_transport); a collective one builds its group here.
+            self.weight_sync = make_weight_sync(cfg, self.learners, self.rollouts)
 
     # ------------------------------------------------------------------------------------------ one iteration
     def run_iteration(self, iteration: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -16,6 +16,7 @@ import yaml
 from cluster.config import ExperimentConfig, build_config, load_config
 from cluster.config_docs import _sections, commented_yaml, field_help, flow, reference_markdown, type_name
 from cluster.plot import PANELS, PHASES
+from cluster.run import STARTUP_KEYS
 from policies.config import AlgorithmConfig
 from textenv.config import EnvConfig
 
@@ -96,7 +97,7 @@ def logged_keys() -> set[str]:
     keys |= {f"timing/{phase}_s" for phase in re.findall(r'timed\(t, "(\w+)"\)', trainer)}
     names = re.search(r"names = (\{.*?\})\n", trainer, flags=re.S).group(1)  # RLlib's stat name -> ours
     keys |= {f"losses/{ours}" for ours in ast.literal_eval(names).values()}
-    return keys
+    return keys | set(STARTUP_KEYS)
 
 
 def test_metrics_doc_names_every_logged_key() -> None:

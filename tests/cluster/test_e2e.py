@@ -16,6 +16,7 @@ import pytest
 
 from cluster.checkpoint import latest_checkpoint, read_state
 from cluster.console import CONSOLE_LOG, ERROR_LOG
+from cluster.run import STARTUP_KEYS
 from cluster.tracking import SAMPLES_FILE, read_metrics
 from tests.wandb_log import config, history, read_records, read_table, wandb_runs
 
@@ -63,6 +64,16 @@ def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None
         assert png.format == "PNG" and png.size == (1600, 900) and len(set(png.convert("L").getdata())) > 50
 
     assert [r["iteration"] for r in rows] == list(range(1, 31))
+    # Where the start went, once, with the first iteration: parts that ran one after the other fit in the total,
+    # and the rollout actors report theirs (the summary prints them as its start-up line).
+    assert {k for k in rows[0] if k.startswith("startup/")} == set(STARTUP_KEYS)
+    assert not any(k.startswith("startup/") for r in rows[1:] for k in r)
+    start = rows[0]
+    in_turn = ("launch", "policy", "ray", "actors", "learners", "first_sync", "tracking")
+    assert sum(start[f"startup/{part}_s"] for part in in_turn) <= start["startup/total_s"] < 300, start
+    assert start["startup/actor_import_s"] > 0 and start["startup/actor_engine_s"] > 0
+    assert 0 < start["startup/actor_warmup_s"] < start["startup/actors_s"]
+    assert f"start-up        {start['startup/total_s']:.1f}s: launch " in result.stdout, result.stdout
     for key in REQUIRED:
         assert all(key in r and r[key] is not None for r in rows), key
     first, last = rows[0]["reward/mean"], sum(r["reward/mean"] for r in rows[-3:]) / 3
@@ -133,6 +144,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     # The learner restarted from the checkpoint's weights: versions continue, and the policy did not reset.
     assert rows[killed_at]["weights/version"] == killed_at + 2
     assert rows[killed_at]["reward/mean"] > rows[0]["reward/mean"]
+    # Each process logs where its start went with its first iteration: the first run's and the resumed one's.
+    assert [r["iteration"] for r in rows if "startup/total_s" in r] == [1, killed_at + 1]
     assert read_state(latest_checkpoint(run / "checkpoints"))["iteration"] == 20
     assert json.loads((run / "checkpoints" / "iter_000020" / "state.json").read_text())["wandb_id"] == (
         run / "wandb_id").read_text().strip()
@@ -197,7 +210,7 @@ def test_runs_repeat_per_seed(tmp_path: Path) -> None:
 
 def deterministic(rows: list[dict]) -> list[dict]:
     """A run's metrics without the keys that measure time (those differ between any two runs)."""
-    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "throughput/"))} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "throughput/", "startup/"))} for r in rows]
 
 
 def write_reverse_rows(path: Path, n: int) -> Path:

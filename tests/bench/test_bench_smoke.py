@@ -124,3 +124,20 @@ def test_vs_trl_bench_runs_tokengym_and_trl_and_prints_its_table() -> None:
                      r"never \| never \|$", out, re.M), out
     assert re.search(r"^\| trl-grpo \| never \| never \| never \| [\d,]+ \| \d+ \| 0\.\d{3} \| - \| - \|$",
                      out, re.M), out
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_startup_bench_prints_both_parts() -> None:
+    """bench/startup.py with one round: one default run's start-up parts (they fit in its total), and one engine of
+    each variant, where skipping the sampler's compile makes the warm-up (the first generate call) shorter."""
+    out = run_script("bench/startup.py", "--configs", "configs/default.yaml", "--rounds", "1", "--repeats", "1")
+    total = float(re.search(r"^  configs/default\.yaml: total (\d+\.\d) s", out, re.M).group(1))
+    parts = [float(x) for x in re.findall(r"(?:launch|policy|ray|actors|learners|first_sync|tracking) (\d+\.\d\d) s \(",
+                                          out)]
+    assert len(parts) == 7 and sum(parts) <= total + 0.05, out
+    assert re.search(r"inside the slowest rollout actor: process \d+\.\d\d s, import \d+\.\d\d s", out), out
+    warm = {v: float(re.search(rf"^  {v} +import \d+\.\d+ s, engine \d+\.\d+ s, warmup (\d+\.\d+) s", out, re.M).group(1))
+            for v in ("eager", "compile")}
+    assert warm["eager"] < warm["compile"], out
+    assert re.search(r"^\| eager / compile \| \d+\.\d\dx \| \d+\.\d\dx \| 0\.\d\dx \| \d+\.\d\dx \|$", out, re.M), out

@@ -99,6 +99,11 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         self._sample: TaskSample | None = None
         self._prompt_ids: list[int] = []
         self._response_ids: list[int] = []
+        # The response's bytes, a token at a time, when the tokenizer's decode is their concatenation (byte_pieces,
+        # textenv/tokenizer.py): its text then costs one UTF-8 read per step, not a decode of the whole response.
+        pieces = getattr(self.tokenizer, "byte_pieces", None)
+        self._pieces: list[bytes] | None = pieces if pieces is not None and len(pieces) >= vocab else None
+        self._response_bytes = bytearray()
         self._done = True
 
     # ----------------------------------------------------------------------------------------------- gym API
@@ -114,6 +119,7 @@ class TokenEnv(gym.Env[Obs, np.int64]):
                 )
             prompt_ids = prompt_ids[-self.max_prompt_tokens :]  # keep the end, where the question is
         self._prompt_ids, self._response_ids = prompt_ids, []
+        self._response_bytes.clear()
         self._tokens.fill(self.tokenizer.pad_token_id)
         self._tokens[: len(prompt_ids)] = prompt_ids
         self._action_mask.fill(0)
@@ -138,7 +144,7 @@ class TokenEnv(gym.Env[Obs, np.int64]):
             raise RuntimeError("step() called after the episode ended (terminated or truncated); call reset() first")
         token = self._check_action(action)
         self._append(token, is_action=True)
-        text = self.tokenizer.decode(self._response_ids)
+        text = self._response_text()
         terminated = token == self.tokenizer.eos_token_id or self.task.stop(self._sample, text)
         info: dict[str, Any] = {}
         if not terminated and token == self._turn_end_id:  # a multi-turn task answers the policy's turn
@@ -193,6 +199,8 @@ class TokenEnv(gym.Env[Obs, np.int64]):
 
     def _append(self, token: int, is_action: bool) -> None:
         self._response_ids.append(token)
+        if self._pieces is not None:
+            self._response_bytes += self._pieces[token]
         position = len(self._prompt_ids) + len(self._response_ids) - 1
         self._tokens[position] = token
         self._action_mask[position] = int(is_action)
@@ -206,7 +214,17 @@ class TokenEnv(gym.Env[Obs, np.int64]):
         reply_ids = self.tokenizer.encode(reply)[: self.max_response_tokens - len(self._response_ids)]
         for token in reply_ids:
             self._append(token, is_action=False)
-        return False, self.tokenizer.decode(self._response_ids), {"env_tokens": reply_ids, "turns": self._turns}
+        return False, self._response_text(), {"env_tokens": reply_ids, "turns": self._turns}
+
+    def _response_text(self) -> str:
+        """``tokenizer.decode(response ids)``: read from the response's bytes when the tokenizer allows it, except
+        while they end inside a character (a token of part of one), where the tokenizer decodes."""
+        if self._pieces is not None:
+            try:
+                return self._response_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return self.tokenizer.decode(self._response_ids)
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text)

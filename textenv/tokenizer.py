@@ -29,6 +29,13 @@ class Tokenizer(Protocol):
         ...
 
 
+# Optional, beyond the protocol: ``byte_pieces``, a list of bytes per token id (b"" for the tokens decode drops), set
+# when the tokenizer's decode is their concatenation read as UTF-8, i.e. ``decode(ids) ==
+# b"".join(byte_pieces[i] for i in ids).decode("utf-8")`` whenever those bytes are valid UTF-8. An environment then
+# builds its response's text a token at a time instead of decoding the whole response at every step
+# (``TokenEnv._response_text``), and falls back to ``decode`` while the bytes end inside a character.
+
+
 class CharTokenizer:
     """One token per character of a fixed alphabet; id 0 is ``<pad>`` and id 1 is ``<eos>``.
 
@@ -45,6 +52,7 @@ class CharTokenizer:
         self.pad_token_id = 0
         self.eos_token_id = 1
         self.vocab_size = len(self.vocab)
+        self.byte_pieces: list[bytes] = [b"", b"", *(ch.encode() for ch in chars)]  # decode is a concatenation
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -77,6 +85,7 @@ class HFTokenizerAdapter:
         self.pad_token_id = int(pad if pad is not None else hf_tokenizer.eos_token_id)
         self._cache: dict[str, list[int]] = {}
         self._cache_size = cache_size
+        self.byte_pieces: list[bytes] | None = concatenated_pieces(hf_tokenizer)
 
     def encode(self, text: str) -> list[int]:
         ids = self._cache.get(text)
@@ -109,3 +118,63 @@ class HFTokenizerAdapter:
         if self._backend is not None:
             return str(self._backend.decode(list(ids), skip_special_tokens=True))
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte, back to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def concatenated_pieces(hf_tokenizer: Any, checks: int = 256) -> list[bytes] | None:
+    """Each token's bytes when a Hugging Face fast tokenizer's decode (special tokens skipped) is the UTF-8 reading
+    of their concatenation; None when that is not known to hold.
+
+    Known: a backend whose decoder is ``ByteLevel`` (GPT-2, Qwen2, Llama 3, SmolLM2: each token stands for bytes) or
+    ``Fuse`` (tokengym's character tokenizers: tokens joined as they are), and whose added tokens are all special
+    (decode drops them). Anything else (SentencePiece's ``Metaspace`` or byte fallback, a ``Sequence`` of decoders,
+    non-special added tokens) gets None and is decoded whole. The claim is checked against the backend's own decode on
+    ``checks`` random id sequences (seeded); one difference and the answer is None.
+    """
+    import random
+
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    kind = type(decoder).__name__
+    if kind not in ("ByteLevel", "Fuse"):
+        return None
+    added = backend.get_added_tokens_decoder()
+    if any(not token.special for token in added.values()):
+        return None
+    byte_of = _byte_level_chars() if kind == "ByteLevel" else None
+    pieces: list[bytes] = []
+    for i in range(len(hf_tokenizer)):
+        token = backend.id_to_token(i)
+        if i in added:
+            pieces.append(b"")
+        elif token is None:
+            return None
+        elif byte_of is None:
+            pieces.append(token.encode())
+        elif all(ch in byte_of for ch in token):
+            pieces.append(bytes(byte_of[ch] for ch in token))
+        else:
+            return None
+    rng = random.Random(0)
+    for _ in range(checks):
+        ids = [rng.randrange(len(pieces)) for _ in range(rng.randint(1, 16))]
+        try:
+            text = b"".join(pieces[i] for i in ids).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text != backend.decode(ids, skip_special_tokens=True):
+            return None
+    return pieces
+

@@ -372,7 +372,7 @@ def startup_line(row: dict[str, Any]) -> str:
     engine = [f"{label} {row[f'startup/actor_{part}_s']:.1f}s" for part, label in (
         ("process", "process"), ("import", "vLLM import"), ("engine", "engine build"), ("warmup", "warm-up"))
         if row.get(f"startup/actor_{part}_s") is not None]
-    inside = f" (of which, in the slowest actor: {', '.join(engine)})" if engine else ""
+    inside = f"\n{'':18}(rollout actors, the slowest one's: {', '.join(engine)})" if engine else ""
     return f"{row['startup/total_s']:.1f}s: {', '.join(parts)}{inside}"
 
 

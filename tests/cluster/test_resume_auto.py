@@ -59,6 +59,7 @@ class FakeTrainer:
     def __init__(self, cfg: Any, model_dir: Path, prompt_tokens: int, response_tokens: int, data: Any = None,
                  name: str = "tokengym") -> None:
         self.cfg, self.weights_version = cfg, 0
+        self.startup: dict[str, float] = {}  # where a real trainer's start went (nothing to time here)
 
     def sync_weights(self) -> None:
         self.weights_version += 1

@@ -251,7 +251,15 @@ def test_resumed_run_matches_an_uninterrupted_run(case: str, tmp_path: Path) -> 
 
     expected, got = deterministic(read_metrics(only_run(tmp_path / "whole"))), deterministic(read_metrics(run))
     assert [r["iteration"] for r in got] == list(range(1, 7))
-    # Same prompts, same sampled responses, same minibatch shuffles, same updates: every logged number agrees.
-    assert got == expected
+    # Same prompts, same sampled responses, same minibatch shuffles, same updates: every logged number agrees; what
+    # the samples decide exactly, the floating-point statistics to round-off (once, in a full-suite run, iteration 1
+    # differed between two fresh starts and exact equality failed; not reproduced in 8 runs alone or under load).
+    sampled = ("reward/mean", "reward/score_mean", "rollout/response_length", "rollout/terminated_frac",
+               "weights/version", "data/epoch")
+    for key in sampled:
+        assert [r.get(key) for r in got] == [r.get(key) for r in expected], key
+    for i, (g, e) in enumerate(zip(got, expected), start=1):
+        assert g.keys() == e.keys(), i
+        assert g == pytest.approx(e, rel=1e-6, abs=1e-9), (i, {k: (g[k], e[k]) for k in g if g[k] != e[k]})
     if case == "file-task":  # 6 x 32 prompts over 52 rows: 3.7 epochs, cursor restored mid-epoch
         assert [r["data/epoch"] for r in got] == pytest.approx([32 * i / 52 for i in range(1, 7)])

@@ -253,7 +253,7 @@ def test_resumed_run_matches_an_uninterrupted_run(case: str, tmp_path: Path) -> 
     assert [r["iteration"] for r in got] == list(range(1, 7))
     # Same prompts, same sampled responses, same minibatch shuffles, same updates: every logged number agrees; what
     # the samples decide exactly, the floating-point statistics to round-off (once, in a full-suite run, iteration 1
-    # differed between two fresh starts and exact equality failed; not reproduced in 8 runs alone or under load).
+    # differed between two fresh starts and exact equality failed; not reproduced in 7 starts, alone or cores busy).
     sampled = ("reward/mean", "reward/score_mean", "rollout/response_length", "rollout/terminated_frac",
                "weights/version", "data/epoch")
     for key in sampled:

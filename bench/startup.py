@@ -33,9 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
 
 from bench.rollout import record  # noqa: E402
+from cluster.run import ACTOR_STARTUP_WORDS, STARTUP_PARTS  # noqa: E402
 
-PARTS = ("launch", "policy", "ray", "actors", "learners", "first_sync", "tracking")  # one after the other
-ACTOR_PARTS = ("actor_process", "actor_import", "actor_engine", "actor_warmup")  # inside "actors", slowest actor
+PARTS = tuple(STARTUP_PARTS)  # one after the other
+ACTOR_PARTS = tuple(f"actor_{p}" for p in ACTOR_STARTUP_WORDS)  # inside "actors", the slowest actor's
 ENGINE_TIMES = ("import_s", "engine_s", "warmup_s", "batch_s")
 
 

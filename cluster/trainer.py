@@ -24,7 +24,9 @@ from cluster.files import ship, ship_task_files
 from cluster.placement import Placement, plan_placement
 from cluster.reward_model import RewardModelServer
 from cluster.dispatch import RolloutJob
-from cluster.rollout import EngineOptions, RolloutGroup, StaleWeightsError, derive_seed, unwrap_ray_errors
+from cluster.rollout import (
+    STARTUP_PARTS as ACTOR_STARTUP_PARTS, EngineOptions, RolloutGroup, StaleWeightsError, derive_seed, unwrap_ray_errors,
+)
 from cluster.supervision import Supervisor
 from cluster.weight_sync import make_weight_sync
 from policies.advantages import ADVANTAGES, AdvantageParams, whiten
@@ -100,10 +102,8 @@ class Trainer:
                 batch_reward=self.reward_model.reward if self.reward_model is not None else None,
                 num_cpus_per_actor=cfg.rollout.num_cpus_per_actor, supervisor=self.supervisor, placement=self.placement,
             )
-        # Inside each rollout actor (the slowest one's): its process's start until the actor's constructor runs (Ray's
-        # worker, the imports of this package), vLLM's import, the engine's build, its first generate call.
-        for part in ("process", "import", "engine", "warmup"):
-            self.startup[f"startup/actor_{part}_s"] = max(info.get(f"{part}_s", 0.0) for info in self.rollouts.info)
+        for part in ACTOR_STARTUP_PARTS:  # inside each rollout actor: the slowest one's
+            self.startup[f"startup/actor_{part}_s"] = max(info[f"{part}_s"] for info in self.rollouts.info)
         remote = cfg.cluster.num_learners > 0  # a learner in this process reads the driver's paths
         critic = cfg.policy.critic_model_path
         with timed(self.startup, "learners", "startup"):

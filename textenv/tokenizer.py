@@ -6,6 +6,7 @@ textenv never imports a tokenizer library: anything with ``encode``/``decode``, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 PAD_TOKEN = "<pad>"
@@ -120,6 +121,7 @@ class HFTokenizerAdapter:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
 
+@functools.cache
 def _byte_level_chars() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the printable character that stands for each byte, back to the byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -3,10 +3,12 @@
 "ours": ``LearnerGroup.update`` with one minibatch (the RLlib learner: batch conversion, the TransformerPolicy
 RLModule's forward, the registered PPO objective + value loss + entropy, backward, gradient clipping, Adam, metrics).
 "bare": the same HF model and value head, the same response-only log-prob/entropy/value computation and PPO loss,
-backward, clip, Adam, written directly in torch. The two alternate, and the medians are compared.
+backward, clip, Adam, written directly in torch as well as torch allows (fused Adam, foreach clipping). The two
+alternate, and the medians are compared.
 Goal (issue 4): ours / bare time <= 1.3.
 
     .venv/bin/python bench/learner.py                      # tiny default policy on CPU
+    .venv/bin/python bench/learner.py --preset tiny-64     # the same at the configs' minibatch (64 sequences)
     .venv/bin/python bench/learner.py --preset qwen2-0.5b   # ~0.5B Qwen2 built from its config (use a GPU)
     .venv/bin/python bench/learner.py --memory --layers 2   # Qwen2-0.5B vocabulary: log-softmax chunked or not
     .venv/bin/python bench/learner.py --memory --model smollm2-135m-instruct   # the same for pulled SmolLM2
@@ -32,6 +34,8 @@ import torch
 
 PRESETS = {
     "tiny": dict(arch="llama", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, batch=256, P=6, R=5),
+    "tiny-64": dict(arch="llama", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, batch=64, P=6,
+                    R=5),  # one optimizer step of configs/default.yaml and grpo.yaml (minibatch_size 64)
     "small": dict(arch="llama", hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1024, batch=32, P=64, R=64),
     "qwen2-0.5b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, intermediate_size=4864, batch=16,
                        P=256, R=256),
@@ -183,7 +187,7 @@ def main() -> None:
         lm = load_causal_lm(model_dir).to(device).train()
         head = torch.nn.Linear(lm.config.hidden_size, 1).to(device)
         params = list(lm.parameters()) + list(head.parameters())
-        opt = torch.optim.Adam(params, lr=algo.lr, eps=algo.adam_eps)
+        opt = torch.optim.Adam(params, lr=algo.lr, eps=algo.adam_eps, fused=True)  # as the learner's (one kernel)
         t = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
         def bare_step() -> None:
@@ -199,7 +203,7 @@ def main() -> None:
             loss = loss + 0.5 * value_loss(values, t[OLD_VALUES], t[RETURNS], mask, 0.2, "token_mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
 
         def ours_step() -> None:

@@ -140,3 +140,32 @@ def seconds_since_launch() -> float:
 
     return time.time() - psutil.Process().create_time()
 
+
+
+def freeze_heap() -> None:
+    """Move every object alive now out of the garbage collector's view (``gc.freeze``): the modules, classes and
+    engines a process keeps for its whole life.
+
+    A full collection walks every tracked object, and after importing torch, transformers, RLlib and vLLM that is
+    ~0.2 s each time: vLLM's engine build collects five times (a third of its build), and the driver's loop runs
+    full collections now and then. Frozen objects are skipped; what is allocated later is collected as usual.
+    Garbage that exists at the call is kept (never freed): call it at points where little is.
+    """
+    import gc
+
+    gc.freeze()
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside (for imports: they make long-lived objects, hardly any garbage, and
+    the full collections they trigger walk everything imported so far); as before after."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, get_args
 
 import numpy as np
 
-from cluster.console import seconds_since_launch, tag
+from cluster.console import collector_paused, freeze_heap, seconds_since_launch, tag
 from cluster.dispatch import Dispatcher, RolloutJob, merge_chunks
 from cluster.supervision import ActorPool, Restartable, Supervisor, actor_died, first_line
 from cluster.weight_sync import EXTENSION as WEIGHT_RECEIVER, WeightGroupBroken, fetched_weights
@@ -127,9 +127,10 @@ class VLLMRolloutActor:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
         spawned = seconds_since_launch()  # Ray's worker start, this module's imports
         imported = time.perf_counter()
-        from vllm import LLM, SamplingParams
-        from vllm.platforms import current_platform
-
+        with collector_paused():  # seconds of imports that make no garbage to speak of
+            from vllm import LLM, SamplingParams
+            from vllm.platforms import current_platform
+        freeze_heap()  # the imports: vLLM's engine build runs full collections (bench/RESULTS.md, "Start-up")
         self.index, self.opts = index, engine
         self.model_dir = os.fspath(engine.model_dir)  # a shipped directory: its copy on this node, made here if needed
         self._SamplingParams = SamplingParams
@@ -175,6 +176,7 @@ class VLLMRolloutActor:
         self.lora: Any = None
         self._lora_ids = itertools.count(1)
         self._lora_root = tempfile.mkdtemp(prefix=f"tokengym-lora-{index}-") if engine.lora_rank > 0 else None
+        freeze_heap()  # the engine: kept for the actor's life
         self.timings["engine_s"] = time.perf_counter() - self._started
 
     def __repr__(self) -> str:  # how Ray's errors and log prefixes name this actor

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
 from cluster.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
-from cluster.console import seconds_since_launch
+from cluster.console import collector_paused, freeze_heap, seconds_since_launch
 from cluster.pull import resolve_model_paths
 from cluster.storage import (
     CONFIG_FILE, POLICY_INIT, Storage, download_run, is_uri, split_run_uri, stored_checkpoint, upload_checkpoint,
@@ -250,9 +250,10 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
 
 def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], store: Storage | None) -> None:
     """The run itself: policy, Ray, trainer, tracker, the loop, then the artifacts."""
-    from cluster.trainer import Trainer, timed
-    from policies.models import load_tokenizer
-
+    with collector_paused():  # RLlib, torch, transformers: seconds of imports, and no garbage to collect in them
+        from cluster.trainer import Trainer, timed
+        from policies.models import load_tokenizer
+    freeze_heap()  # what they made lives as long as the process: later full collections need not walk it
     # Where the start went, as the user waits: logged with the first iteration (docs/metrics.md, startup/*).
     startup = {"startup/launch_s": seconds_since_launch()}  # the interpreter, imports, the config and its checks
     if resume and store is not None:  # storage is the truth: its latest checkpoint, metrics and W&B id
@@ -284,6 +285,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
         with timed(startup, "tracking", "startup"):  # W&B's start
             tracker = Tracker(cfg.tracking, run_dir, run_dir.name, cfg.to_dict(), start, cfg.iterations, console)
         startup |= trainer.startup
+        freeze_heap()  # the trainer, its learners, the tracker: alive until the run ends
         startup["startup/total_s"] = seconds_since_launch()
         train_loop(cfg, trainer, tracker, start, run_dir, store, startup)
         if cfg.tracking.log_artifacts:

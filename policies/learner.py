@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Iterator
 
@@ -25,6 +26,8 @@ from policies.rng import get_rng_state, seed_all, set_rng_state
 from policies.weight_buckets import BucketLayout, pack_bucket, plan_buckets
 
 MODULE_ID = "default_policy"
+GRAD_NORM_KEY = "gradients_default_optimizer_global_norm"  # RLlib's name for it (the trainer logs losses/grad_norm)
+logger = logging.getLogger(__name__)
 MODEL_PATH_KEYS = ("model_path", "critic_model_path")  # the module's model_config entries naming HF directories
 
 
@@ -63,7 +66,10 @@ class TokenPolicyLearner(TorchLearner):
 
     def configure_optimizers_for_module(self, module_id: ModuleID, config: RLlibAlgorithmConfig = None) -> None:
         params = [p for p in self.get_parameters(self._module[module_id]) if p.requires_grad]  # LoRA: adapters only
-        optimizer = torch.optim.Adam(params, eps=config.algo.adam_eps)
+        # One fused kernel for all parameters where torch has one (CPU and CUDA): torch's default on CPU is a Python
+        # loop over the parameters, most of a small policy's optimizer step (bench/RESULTS.md, "Learner step").
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.Adam(params, eps=config.algo.adam_eps, fused=fused or None)
         schedule = [list(pair) for pair in config.algo.lr_schedule] if config.algo.lr_schedule else config.lr
         self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=schedule)
 
@@ -95,6 +101,31 @@ class TokenPolicyLearner(TorchLearner):
                 self._enter_no_sync(stack)
             self.apply_gradients(self.postprocess_gradients(gradients))
         return fwd_out, loss_per_module, {}
+
+    def postprocess_gradients_for_module(
+        self, *, module_id: ModuleID, config: RLlibAlgorithmConfig = None, module_gradients_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Clip by the global L2 norm (``algorithm.grad_clip``) and zero non-finite gradients, with one fused norm
+        over all gradients and one check.
+
+        RLlib does the same with a norm per tensor and a finiteness check per tensor (each a synchronisation), twice
+        (``torch_skip_nan_gradients`` turns its checks off: they are done here). Its outcome for a non-finite
+        gradient is kept: the clipped gradients all become zero (a NaN norm scales every gradient to NaN, which it
+        then sets to zero) and the optimizer still steps, with a warning.
+        """
+        grads = [g for g in module_gradients_dict.values() if g is not None]
+        if not grads:
+            return dict(module_gradients_dict)
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
+        if not bool(torch.isfinite(norm)):
+            logger.warning("gradients of %s contain nan/inf values (global norm %s): set to zero for this step",
+                           module_id, float(norm))
+            torch._foreach_zero_(grads)
+        elif config.grad_clip:
+            torch._foreach_mul_(grads, torch.clamp(config.grad_clip / (norm + 1e-6), max=1.0))
+        if config.grad_clip:
+            self.metrics.log_value(key=(module_id, GRAD_NORM_KEY), value=norm, window=1)
+        return dict(module_gradients_dict)
 
     def _enter_no_sync(self, stack: contextlib.ExitStack) -> None:
         for mod in self.module.values():  # DDP-wrapped modules: skip the gradient all-reduce for this backward
@@ -361,7 +392,10 @@ def build_learner_group(
     learner_seed = seed if num_learners > 0 else None
     cfg = TokenGymRLlibConfig(algo=algo, policy=policy, policy_model_path=model_path, temperature=temperature,
                               learner_seed=learner_seed, critic_model_path=critic_model_path)
+    # torch_skip_nan_gradients: RLlib's per-tensor nan/inf checks off; TokenPolicyLearner.postprocess_gradients_for_module
+    # checks once and zeroes non-finite gradients, as RLlib would.
     cfg.training(lr=algo.lr, grad_clip=algo.grad_clip, grad_clip_by="global_norm")
+    cfg.framework(torch_skip_nan_gradients=True)
     cfg.learners(num_learners=num_learners, num_gpus_per_learner=num_gpus_per_learner,
                  custom_resources_per_learner=resources_per_learner or {})
     return cfg.build_learner_group(rl_module_spec=cfg.get_default_rl_module_spec(), placement_group=placement_group)

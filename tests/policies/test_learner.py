@@ -147,3 +147,35 @@ def test_checkpoint_restores_weights_and_optimizer_exactly(tiny_model_dir: Path,
     assert sorted(p.name for p in (tmp_path / "ckpts").glob("iter_*")) == ["iter_000008", "iter_000009"]
     group.shutdown()
     fresh.shutdown()
+
+
+def test_gradients_are_clipped_by_their_global_norm_and_non_finite_ones_zeroed(tiny_model_dir: Path, caplog) -> None:
+    from policies.learner import GRAD_NORM_KEY
+
+    group = build_learner_group(AlgorithmConfig(grad_clip=1.0), PolicyConfig(), str(tiny_model_dir), 0, 0)
+    learner = group._learner
+    assert learner.get_optimizer(MODULE_ID).defaults["fused"] is True  # one kernel for all parameters on CPU
+    config = learner.config.get_config_for_module(MODULE_ID)
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([[12.0]])  # global L2 norm 13
+    out = learner.postprocess_gradients_for_module(module_id=MODULE_ID, config=config,
+                                                   module_gradients_dict={"a": a, "b": b})
+    scale = 1.0 / (13.0 + 1e-6)
+    torch.testing.assert_close(out["a"], torch.tensor([3.0, 4.0]) * scale)
+    torch.testing.assert_close(out["b"], torch.tensor([[12.0]]) * scale)
+    assert learner.metrics.peek((MODULE_ID, GRAD_NORM_KEY)) == pytest.approx(13.0)
+    small = {"a": torch.tensor([0.3, 0.4])}  # norm 0.5 < 1: left as it is
+    learner.postprocess_gradients_for_module(module_id=MODULE_ID, config=config, module_gradients_dict=small)
+    torch.testing.assert_close(small["a"], torch.tensor([0.3, 0.4]))
+
+    # A non-finite gradient anywhere: every gradient of the step is zero (RLlib's outcome), with a warning; a fresh
+    # Adam then leaves the weights exactly as they were.
+    batch = _train_batch(group, ragged_rollouts(np.random.default_rng(4)))
+    batch[ADVANTAGES] = np.full_like(batch[ADVANTAGES], np.nan)
+    before = group.get_weights()[MODULE_ID]
+    with caplog.at_level("WARNING", logger="policies.learner"):
+        _update(group, batch)
+    assert "nan/inf" in caplog.text
+    after = group.get_weights()[MODULE_ID]
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v)
+    group.shutdown()

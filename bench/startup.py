@@ -14,12 +14,17 @@ Two parts, each alternating what it compares within one run (the machine is nois
           batch (``sample``: 64 prompts x 8 samples of the default task, per-token replay included) ``--repeats``
           times after the warm-up (median). Printed: medians and the ratios eager / compile.
 
-    .venv/bin/python bench/startup.py [--parts runs engine] [--configs configs/default.yaml ...] [--rounds 3] [--record]
+    .venv/bin/python bench/startup.py [--parts runs engine] [--configs configs/default.yaml ...] [--rounds 3]
+        [--baseline REV] [--record]
+
+``--baseline REV``: the runs part also runs git revision REV's sources (a temporary worktree), alternating with this
+tree's, and prints the ratio of the median totals: a change's effect measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
@@ -40,15 +46,16 @@ ACTOR_PARTS = tuple(f"actor_{p}" for p in ACTOR_STARTUP_WORDS)  # inside "actors
 ENGINE_TIMES = ("import_s", "engine_s", "warmup_s", "batch_s")
 
 
-def run_once(config: str, runs_dir: Path) -> dict[str, float]:
-    """One ``tokengym train CONFIG iterations=1``; its startup/* row."""
+def run_once(config: str, runs_dir: Path, tree: Path = REPO) -> dict[str, float]:
+    """One ``tokengym train CONFIG iterations=1`` of the sources in ``tree``; its startup/* row."""
     from cluster.tracking import read_metrics
 
     before = set(runs_dir.iterdir()) if runs_dir.exists() else set()
     cmd = [sys.executable, "-m", "cluster.cli", "train", config, "iterations=1", "checkpoint_every=1",
            "tracking.progress_bar=false", f"runs_dir={runs_dir}"]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}  # W&B as on a machine without a key: offline
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**env, "PYTHONUNBUFFERED": "1"})
+    env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)}  # the driver and Ray's workers import tree's sources
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=900, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     (run,) = [p for p in runs_dir.iterdir() if p not in before and p.is_dir()]
@@ -56,14 +63,37 @@ def run_once(config: str, runs_dir: Path) -> dict[str, float]:
     return {k.removeprefix("startup/").removesuffix("_s"): v for k, v in row.items() if k.startswith("startup/")}
 
 
-def runs_part(configs: list[str], rounds: int) -> tuple[list[str], list[str]]:
-    """Report lines and table rows of the ``runs`` part."""
-    measured: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
-    with tempfile.TemporaryDirectory(prefix="tokengym-startup-") as tmp:
+@contextlib.contextmanager
+def baseline_tree(rev: str | None) -> Iterator[Path | None]:
+    """A detached git worktree of ``rev`` (removed afterwards), or None without one."""
+    if rev is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="tokengym-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=REPO, check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+
+
+def runs_part(configs: list[str], rounds: int, baseline: str | None = None) -> tuple[list[str], list[str]]:
+    """Report lines and table rows of the ``runs`` part; with ``baseline`` (a git revision), every config is also
+    run from that revision's sources, alternating with this tree's."""
+    with baseline_tree(baseline) as base, tempfile.TemporaryDirectory(prefix="tokengym-startup-") as tmp:
+        trees = {"": REPO, **({f" @ {baseline}": base} if base is not None else {})}
+        cases = [(config, label) for config in configs for label in trees]
+        measured: dict[str, list[dict[str, float]]] = {config + label: [] for config, label in cases}
         for r in range(rounds):
-            for config in configs if r % 2 == 0 else configs[::-1]:
-                measured[config].append(run_once(config, Path(tmp) / "runs"))
+            for config, label in cases if r % 2 == 0 else cases[::-1]:
+                measured[config + label].append(run_once(config, Path(tmp) / "runs", trees[label]))
     lines, rows = [], []
+    if baseline is not None:
+        for config in configs:
+            ratio = (statistics.median(run["total"] for run in measured[config])
+                     / statistics.median(run["total"] for run in measured[f"{config} @ {baseline}"]))
+            lines.append(f"  {config}: total, this tree / {baseline}: {ratio:.2f}x")
     for config, runs in measured.items():
         for run in runs:  # what no part covers (between the parts), per run: medians of parts need not add up
             run["other"] = run["total"] - sum(run[p] for p in PARTS)
@@ -139,6 +169,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["runs", "engine"], choices=["runs", "engine"])
     parser.add_argument("--configs", nargs="+", default=["configs/default.yaml", "configs/grpo.yaml"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", metavar="REV", help="runs part: also run a git revision's sources, in turn")
     parser.add_argument("--repeats", type=int, default=5, help="engine part: steady-state batches per engine")
     parser.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
     parser.add_argument("--probe", choices=["eager", "compile"], help=argparse.SUPPRESS)  # one engine, in a child
@@ -149,9 +180,10 @@ def main() -> None:
     load, started = os.getloadavg(), time.time()
     report, tables = [], []
     if "runs" in args.parts:
-        lines, table = runs_part(args.configs, args.rounds)
+        lines, table = runs_part(args.configs, args.rounds, args.baseline)
+        against = f"; this tree and {args.baseline}'s sources in turn" if args.baseline else ""
         report += [f"runs: `tokengym train CONFIG iterations=1` (W&B offline), median of {args.rounds} round(s); seconds from the "
-                   "process's start (startup/*, docs/metrics.md)", *lines]
+                   f"process's start (startup/*, docs/metrics.md){against}", *lines]
         tables.append("\n".join(table))
     if "engine" in args.parts:
         lines, table = engine_part(args.rounds, args.repeats)

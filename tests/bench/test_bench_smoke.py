@@ -129,13 +129,18 @@ def test_vs_trl_bench_runs_tokengym_and_trl_and_prints_its_table() -> None:
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_startup_bench_prints_both_parts() -> None:
-    """bench/startup.py with one round: one default run's start-up parts (they fit in its total), and one engine of
-    each variant, where skipping the sampler's compile makes the warm-up (the first generate call) shorter."""
-    out = run_script("bench/startup.py", "--configs", "configs/default.yaml", "--rounds", "1", "--repeats", "1")
-    total = float(re.search(r"^  configs/default\.yaml: total (\d+\.\d) s", out, re.M).group(1))
-    parts = [float(x) for x in re.findall(r"(?:launch|policy|ray|actors|learners|first_sync|tracking) (\d+\.\d\d) s \(",
-                                          out)]
-    assert len(parts) == 7 and sum(parts) <= total + 0.05, out
+    """bench/startup.py with one round: one default run's start-up parts (they fit in its total), the same run from
+    a baseline revision's sources (here HEAD) and their ratio, and one engine of each variant, where skipping the
+    sampler's compile makes the warm-up (the first generate call) shorter."""
+    out = run_script("bench/startup.py", "--configs", "configs/default.yaml", "--rounds", "1", "--repeats", "1",
+                     "--baseline", "HEAD")
+    for label in ("", " @ HEAD"):
+        block = re.search(rf"^  configs/default\.yaml{re.escape(label)}: total (\d+\.\d) s.*\n(.*)\n", out, re.M)
+        assert block, out
+        parts = [float(x) for x in re.findall(
+            r"(?:launch|policy|ray|actors|learners|first_sync|tracking) (\d+\.\d\d) s \(", block.group(2))]
+        assert len(parts) == 7 and sum(parts) <= float(block.group(1)) + 0.05, out
+    assert re.search(r"^  configs/default\.yaml: total, this tree / HEAD: \d+\.\d\dx$", out, re.M), out
     assert re.search(r"inside the slowest rollout actor: process \d+\.\d\d s, import \d+\.\d\d s", out), out
     warm = {v: float(re.search(rf"^  {v} +import \d+\.\d+ s, engine \d+\.\d+ s, warmup (\d+\.\d+) s", out, re.M).group(1))
             for v in ("eager", "compile")}

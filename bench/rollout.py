@@ -34,6 +34,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -304,7 +305,7 @@ def record(script: str, load_before: tuple[float, ...], report: str, table: str,
     prefix = [f"{k}={os.environ[k]}" for k in USER_ENV if k in os.environ]
     niceness = os.nice(0)
     prefix += [f"nice -n {niceness}"] if niceness else []
-    command = " ".join([*prefix, ".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
+    command = " ".join([*prefix, ".venv/bin/python", f"bench/{script}", *map(shlex.quote, sys.argv[1:])])
     load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after{note}"
     with open(results, "a") as f:
         f.write(f"\n### bench/{script}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"

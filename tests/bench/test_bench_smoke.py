@@ -146,3 +146,16 @@ def test_startup_bench_prints_both_parts() -> None:
             for v in ("eager", "compile")}
     assert warm["eager"] < warm["compile"], out
     assert re.search(r"^\| eager / compile \| \d+\.\d\dx \| \d+\.\d\dx \| 0\.\d\dx \| \d+\.\d\dx \|$", out, re.M), out
+
+
+@pytest.mark.ray
+def test_ab_bench_runs_one_benchmark_against_a_revision() -> None:
+    """bench/ab.py, one round: bench/learner.py's smallest run from this tree and from HEAD's sources (a temporary
+    worktree, removed after), the metric read from both and their ratio printed."""
+    out = run_script("bench/ab.py", "HEAD", "--rounds", "1", "--metric", r"RLlib learner +([\d.]+) ms", "--",
+                     "bench/learner.py", "--preset", "tiny-64", "--repeats", "2")
+    values = [float(x) for x in re.findall(r"^  (?:this tree|HEAD) +median ([\d.]+) ", out, re.M)]
+    assert len(values) == 2 and all(v > 0 for v in values), out
+    assert re.search(r"^  this tree / HEAD: \d+\.\d\dx", out, re.M), out
+    listed = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "tokengym-ab-" not in listed, listed

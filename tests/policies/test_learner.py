@@ -154,7 +154,7 @@ def test_gradients_are_clipped_by_their_global_norm_and_non_finite_ones_zeroed(t
 
     group = build_learner_group(AlgorithmConfig(grad_clip=1.0), PolicyConfig(), str(tiny_model_dir), 0, 0)
     learner = group._learner
-    assert learner.get_optimizer(MODULE_ID).defaults["fused"] is True  # one kernel for all parameters on CPU
+    assert learner.get_optimizer(MODULE_ID).defaults["foreach"] is True  # each op over all parameters at once
     config = learner.config.get_config_for_module(MODULE_ID)
     a, b = torch.tensor([3.0, 4.0]), torch.tensor([[12.0]])  # global L2 norm 13
     out = learner.postprocess_gradients_for_module(module_id=MODULE_ID, config=config,

@@ -68,8 +68,10 @@ class TokenPolicyLearner(TorchLearner):
         params = [p for p in self.get_parameters(self._module[module_id]) if p.requires_grad]  # LoRA: adapters only
         # foreach: each Adam op over all parameters at once (torch's default on CPU is a Python loop over them, a
         # tenth of a small policy's step), with the loop's arithmetic to the bit (the fused kernel rounds differently,
-        # and the shipped configs' recorded runs would not repeat); bench/RESULTS.md, "Learner step".
-        optimizer = torch.optim.Adam(params, eps=config.algo.adam_eps, foreach=True)
+        # and the shipped configs' recorded runs would not repeat); bench/RESULTS.md, "Learner step". RLlib's lr
+        # scheduler sets the learning rate as a tensor, which torch's foreach Adam refuses: the loop there.
+        foreach = not config.algo.lr_schedule
+        optimizer = torch.optim.Adam(params, eps=config.algo.adam_eps, foreach=foreach)
         schedule = [list(pair) for pair in config.algo.lr_schedule] if config.algo.lr_schedule else config.lr
         self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=schedule)
 

@@ -184,7 +184,10 @@ def run_system(system: System, seed: int, model_dir: Path, work: Path, problems:
     log = (job_dir / "output.log").open("w")
     began = time.perf_counter()
     # A session of its own, so that stopping the run stops everything it started (Ray's processes too).
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # SIGINT's default action in the system, so that stop()'s Ctrl-C works even when this script was started in the
+    # background by a shell without job control (its children then inherit SIGINT ignored).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     rows: list[dict[str, float]] = []
     consumed, stopped = 0, None
     try:

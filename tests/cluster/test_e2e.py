@@ -181,7 +181,10 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cluster.cli", "train", "iterations=200", "checkpoint_every=2", "name=ctrlc",
            f"runs_dir={tmp_path}", "tracking.progress_bar=false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the run, whoever started the suite: a shell without job control (`pytest &` in a
+    # script) starts its background commands with SIGINT ignored, and their children inherit that.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         runs = [p for p in tmp_path.iterdir() if p.is_dir()]

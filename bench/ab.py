@@ -13,6 +13,7 @@ and their ratio (this tree / REV) are printed, with each round's values. Without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -22,11 +23,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
 
 from bench.rollout import record  # noqa: E402
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str) -> Iterator[Path]:
+    """A detached git worktree of ``rev`` in a temporary directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="tokengym-ab-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=REPO, check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
 
 
 def run(tree: Path, script: str, args: list[str]) -> str:
@@ -57,25 +71,20 @@ def main() -> None:
     load, started = os.getloadavg(), time.time()
     values: dict[str, list[float]] = {"this tree": [], args.rev: []}
     outputs: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="tokengym-ab-") as tmp:
-        base = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.rev], cwd=REPO, check=True)
-        try:
-            (base / script).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / script, base / script)  # the same benchmark against the revision's sources
-            trees = {"this tree": REPO, args.rev: base}
-            for r in range(args.rounds):
-                for label in list(trees) if r % 2 == 0 else list(trees)[::-1]:
-                    out = run(trees[label], script, script_args)
-                    if metric is None:
-                        outputs.append(f"--- round {r + 1}, {label}\n{out.rstrip()}")
-                        continue
-                    found = metric.search(out)
-                    if found is None:
-                        raise SystemExit(f"--metric {args.metric!r} not found in the output of {label}:\n{out[-3000:]}")
-                    values[label].append(float(found.group(1)))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    with revision_tree(args.rev) as base:
+        (base / script).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / script, base / script)  # the same benchmark against the revision's sources
+        trees = {"this tree": REPO, args.rev: base}
+        for r in range(args.rounds):
+            for label in list(trees) if r % 2 == 0 else list(trees)[::-1]:
+                out = run(trees[label], script, script_args)
+                if metric is None:
+                    outputs.append(f"--- round {r + 1}, {label}\n{out.rstrip()}")
+                    continue
+                found = metric.search(out)
+                if found is None:
+                    raise SystemExit(f"--metric {args.metric!r} not found in the output of {label}:\n{out[-3000:]}")
+                values[label].append(float(found.group(1)))
     lines = [f"`{' '.join(command)}`, this tree against {args.rev}, {args.rounds} round(s) in turn"]
     if metric is None:
         lines += outputs

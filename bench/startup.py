@@ -33,11 +33,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: bench/ is not a package
 
+from bench.ab import revision_tree  # noqa: E402
 from bench.rollout import record  # noqa: E402
 from cluster.run import ACTOR_STARTUP_WORDS, STARTUP_PARTS  # noqa: E402
 
@@ -63,25 +63,11 @@ def run_once(config: str, runs_dir: Path, tree: Path = REPO) -> dict[str, float]
     return {k.removeprefix("startup/").removesuffix("_s"): v for k, v in row.items() if k.startswith("startup/")}
 
 
-@contextlib.contextmanager
-def baseline_tree(rev: str | None) -> Iterator[Path | None]:
-    """A detached git worktree of ``rev`` (removed afterwards), or None without one."""
-    if rev is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="tokengym-baseline-") as tmp:
-        tree = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=REPO, check=True)
-        try:
-            yield tree
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
-
-
 def runs_part(configs: list[str], rounds: int, baseline: str | None = None) -> tuple[list[str], list[str]]:
     """Report lines and table rows of the ``runs`` part; with ``baseline`` (a git revision), every config is also
     run from that revision's sources, alternating with this tree's."""
-    with baseline_tree(baseline) as base, tempfile.TemporaryDirectory(prefix="tokengym-startup-") as tmp:
+    with (revision_tree(baseline) if baseline else contextlib.nullcontext()) as base, \
+            tempfile.TemporaryDirectory(prefix="tokengym-startup-") as tmp:
         trees = {"": REPO, **({f" @ {baseline}": base} if base is not None else {})}
         cases = [(config, label) for config in configs for label in trees]
         measured: dict[str, list[dict[str, float]]] = {config + label: [] for config, label in cases}

@@ -107,7 +107,7 @@ class TokenPolicyLearner(TorchLearner):
     def postprocess_gradients_for_module(
         self, *, module_id: ModuleID, config: RLlibAlgorithmConfig = None, module_gradients_dict: dict[str, Any]
     ) -> dict[str, Any]:
-        """Clip by the global L2 norm (``algorithm.grad_clip``) and zero non-finite gradients, with one fused norm
+        """Clip by the global L2 norm (``algorithm.grad_clip``) and zero non-finite gradients, with one foreach norm
         over all gradients and one check.
 
         RLlib does the same with a norm per tensor and a finiteness check per tensor (each a synchronisation), twice

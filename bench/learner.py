@@ -10,6 +10,7 @@ Goal (issue 4): ours / bare time <= 1.3.
     .venv/bin/python bench/learner.py                      # tiny default policy on CPU
     .venv/bin/python bench/learner.py --preset tiny-64     # the same at the configs' minibatch (64 sequences)
     .venv/bin/python bench/learner.py --preset qwen2-0.5b   # ~0.5B Qwen2 built from its config (use a GPU)
+    .venv/bin/python bench/learner.py --shared --preset small-long   # grouped batch: prompts shared or not
     .venv/bin/python bench/learner.py --memory --layers 2   # Qwen2-0.5B vocabulary: log-softmax chunked or not
     .venv/bin/python bench/learner.py --memory --model smollm2-135m-instruct   # the same for pulled SmolLM2
 
@@ -92,6 +93,86 @@ def _memory_variant(model_dir: str, chunk: int | None, B: int, P: int, R: int, s
     group.shutdown()
 
 
+SHARED_PRESETS = {  # --shared: grouped batches (samples_per_prompt consecutive rows share a prompt)
+    "tiny-64": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, batch=64, P=6, R=5, n=8,
+                    value_head=False),  # one step of configs/grpo.yaml with algorithm.group_minibatches=true
+    "small-long": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1024, batch=32, P=128, R=32,
+                       n=8, value_head=False),  # long prompts, short answers: a math-style GRPO step
+    "smollm2-addition": dict(model="smollm2-135m-instruct", batch=64, P=29, R=16, n=8, value_head=False,
+                             bf16="on"),  # one step of configs/smollm2.yaml (its chat prompt: 29 tokens)
+}
+
+
+def shared_main(args: argparse.Namespace) -> None:
+    """``--shared``: one learner step (pre-update log-probs of the minibatch, then the update) with each distinct
+    prompt forwarded once (``algorithm.share_prompts``) against one forward per sequence, on the same grouped
+    minibatch, in turn; medians and their ratio."""
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    from cluster.trainer import build_batch
+    from policies.columns import ADVANTAGES
+    from policies.config import AlgorithmConfig, PolicyConfig
+    from policies.learner import MODULE_ID, build_learner_group, group_rollout_stats
+    from policies.models import save_tiny_policy
+
+    p = SHARED_PRESETS[args.preset]
+    B, P, R, n = p["batch"], p["P"], p["R"], p["n"]
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789=+"
+    with tempfile.TemporaryDirectory() as tmp:
+        if "model" in p:  # a pulled model (tokengym pull NAME)
+            from transformers import AutoConfig
+
+            from cluster.pull import resolve_model_dir
+
+            model_dir = resolve_model_dir("--preset", p["model"])
+            config = AutoConfig.from_pretrained(model_dir)
+            V = config.vocab_size
+            what = f"{p['model']} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {V:,})"
+        else:
+            model_dir = save_tiny_policy(tmp, alphabet, seed=0, arch="llama", hidden_size=p["hidden_size"],
+                                         num_layers=p["num_layers"], num_heads=p["num_heads"],
+                                         intermediate_size=p["intermediate_size"], max_positions=P + R + 8)
+            V = len(alphabet) + 2
+            what = f"tiny Llama, hidden {p['hidden_size']} x {p['num_layers']} layers"
+        policy = PolicyConfig(value_head=p["value_head"])
+        bf16 = p.get("bf16", "auto")
+        groups = {share: build_learner_group(AlgorithmConfig(minibatch_size=B, num_epochs=1, share_prompts=share,
+                                                             bf16=bf16), policy, str(model_dir), 0, 0)
+                  for share in (True, False)}
+        rng = np.random.default_rng(0)
+        batch = build_batch({
+            "prompt_ids": np.repeat(rng.integers(2, V, (B // n, P)), n, axis=0), "prompt_length": np.full(B, P),
+            "response_ids": rng.integers(2, V, (B, R)), "response_length": np.full(B, R),
+            "rewards": rng.random((B, R)).astype(np.float32), "sampling_logp": np.zeros((B, R), np.float32),
+        })
+        batch[ADVANTAGES] = rng.standard_normal((B, R)).astype(np.float32)
+
+        def step(share: bool) -> float:
+            start = time.perf_counter()
+            mine = dict(batch) | group_rollout_stats(groups[share], batch, B)
+            groups[share].update(batch=MultiAgentBatch({MODULE_ID: SampleBatch(mine)}, env_steps=B), num_epochs=1,
+                                 minibatch_size=B, shuffle_batch_per_epoch=False)
+            return time.perf_counter() - start
+
+        for _ in range(3):  # warm-up
+            step(True), step(False)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(args.repeats):
+            for share in (True, False):
+                times[share].append(step(share))
+        for group in groups.values():
+            group.shutdown()
+    shared_s, plain_s = statistics.median(times[True]), statistics.median(times[False])
+    tokens_plain, tokens_shared = B * (P + R), B // n * P + B * R
+    print(f"preset {args.preset} --shared: {B} sequences = {B // n} prompts x {n} samples, {P} prompt + {R} response "
+          f"tokens, {what}, bf16 autocast {bf16}, cpu, {torch.get_num_threads()} thread(s), median of {args.repeats}; "
+          f"a step = pre-update log-probs + one update")
+    print(f"  one forward per sequence  {plain_s * 1e3:9.1f} ms  ({tokens_plain:,} tokens forwarded)")
+    print(f"  prompts shared            {shared_s * 1e3:9.1f} ms  ({tokens_shared:,} tokens forwarded, "
+          f"{tokens_shared / tokens_plain:.0%})")
+    print(f"  shared / per sequence = {shared_s / plain_s:.2f}x the time")
+
+
 def memory_main(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
@@ -136,7 +217,7 @@ def memory_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=sorted(set(PRESETS) | set(SHARED_PRESETS)))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--memory", action="store_true", help="the Qwen2-0.5B-vocabulary memory comparison")
     ap.add_argument("--layers", type=int, default=24, help="--memory: transformer layers (of Qwen2-0.5B's 24)")
@@ -146,9 +227,14 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2-0.5b-shaped",
                     help="--memory: qwen2-0.5b-shaped (random), a model directory, or a pulled model's name")
     ap.add_argument("--bf16", default="off", choices=["on", "off"], help="--memory: algorithm.bf16 (autocast)")
+    ap.add_argument("--shared", action="store_true",
+                    help="prompts shared (algorithm.share_prompts) against one forward per sequence, on grouped "
+                         "minibatches; --preset tiny-64, small-long or smollm2-addition")
     args = ap.parse_args()
     if args.memory:
         return memory_main(args)
+    if args.shared:
+        return shared_main(args)
     p = PRESETS[args.preset]
     gpu = torch.cuda.is_available()
 

@@ -317,6 +317,12 @@ class ExperimentConfig:
             )
         if rollout.lora_weights == "adapters":
             check_lora_adapters(self)
+        if algo.group_minibatches and (rollout.samples_per_prompt < 2 or algo.minibatch_size % rollout.samples_per_prompt):
+            raise ValueError(
+                f"algorithm.group_minibatches=true needs groups (rollout.samples_per_prompt >= 2) and whole groups per "
+                f"minibatch (algorithm.minibatch_size a multiple of rollout.samples_per_prompt); got samples_per_prompt="
+                f"{rollout.samples_per_prompt}, minibatch_size={algo.minibatch_size}"
+            )
         batch = rollout.prompts_per_iteration * rollout.samples_per_prompt
         shards = max(1, self.cluster.num_learners)
         if batch % (shards * algo.minibatch_size):

@@ -218,9 +218,14 @@ class Trainer:
 
         algo = self.cfg.algorithm
         n = len(batch[RESPONSE_MASK])
+        epochs, shuffle = algo.num_epochs, True
+        if algo.group_minibatches:  # the epochs laid out here, whole groups per minibatch; RLlib takes them in order
+            order = group_epoch_order(n, self.cfg.rollout.samples_per_prompt, epochs, max(1, self.cfg.cluster.num_learners))
+            batch = {k: v[order] for k, v in batch.items()}
+            epochs, shuffle = 1, False
         mab = MultiAgentBatch({MODULE_ID: SampleBatch(batch)}, env_steps=n)
         results = unwrap_ray_errors(lambda: self.learners.update(
-            batch=mab, num_epochs=algo.num_epochs, minibatch_size=algo.minibatch_size, shuffle_batch_per_epoch=True,
+            batch=mab, num_epochs=epochs, minibatch_size=algo.minibatch_size, shuffle_batch_per_epoch=shuffle,
             timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: iteration},  # the clock of algorithm.lr_schedule
         ), where="learner")
         stats = results[0][MODULE_ID]
@@ -296,6 +301,20 @@ def iteration_seed(seed: int, iteration: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- batch helpers
+def group_epoch_order(rows: int, group: int, epochs: int, shards: int) -> np.ndarray:
+    """Row indices for ``algorithm.group_minibatches``: each learner's shard of the batch, every epoch of it in turn.
+
+    The batch's rows come in groups of ``group`` (a prompt's samples, consecutive). RLlib gives learner ``k`` the
+    ``k``-th contiguous shard and takes its minibatches in order; so shard ``k`` keeps its groups (as with row
+    shuffling, a learner trains on its own shard) and lists them ``epochs`` times, each time in a new order drawn
+    from numpy's global generator (the one RLlib shuffles rows with: seeded per run, saved with checkpoints). A
+    minibatch whose size is a multiple of ``group`` then holds whole groups only.
+    """
+    groups = np.arange(rows // group).reshape(shards, -1)  # the groups of each learner's shard
+    order = [np.random.permutation(mine) for mine in groups for _ in range(epochs)]
+    return (np.concatenate(order)[:, None] * group + np.arange(group)).reshape(-1)
+
+
 def build_batch(rollouts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Token rows for the learner: the prompt left-padded and the response right-padded, (B, P + R).
 

@@ -191,11 +191,12 @@ class TokenPolicyLearner(TorchLearner):
     def rollout_stats(self, batch: dict[str, np.ndarray], microbatch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Pre-update log-probabilities, values and reference log-probabilities of this learner's shard of ``batch``.
 
-        With several learners, learner ``k`` of ``n`` takes rows ``k::n``; returns those row indices and the arrays.
-        Forward passes take ``microbatch_size`` rows, fewer when ``algorithm.micro_batch_tokens`` allows fewer.
+        With several learners, learner ``k`` of ``n`` takes the ``k``-th of ``n`` contiguous blocks of rows (so a
+        group's samples stay together and share their prompt's forward pass); returns those row indices and the
+        arrays. Forward passes take ``microbatch_size`` rows, fewer when ``algorithm.micro_batch_tokens`` allows fewer.
         """
         rank, world = self._rank_and_world()
-        rows = np.arange(len(batch[RESPONSE_MASK]))[rank::world]
+        rows = np.array_split(np.arange(len(batch[RESPONSE_MASK])), world)[rank]
         budget = self.config.algo.micro_batch_tokens
         if budget is not None:  # the same token budget as the update's micro-batches
             microbatch_size = min(microbatch_size, max(1, budget // batch[INPUT_IDS].shape[1]))
@@ -212,7 +213,8 @@ class TokenPolicyLearner(TorchLearner):
                     cols[OLD_VALUES] = fwd[VALUES]
                 if self._ref_lm is not None:
                     cols[REF_LOGP] = response_logp(
-                        self._ref_lm, mb, self.config.temperature, self.config.algo.logits_chunk_tokens
+                        self._ref_lm, mb, self.config.temperature, self.config.algo.logits_chunk_tokens,
+                        self.config.algo.share_prompts,
                     )
             for k, v in cols.items():
                 outs.setdefault(k, []).append(v.float().cpu().numpy())
@@ -366,6 +368,7 @@ class TokenGymRLlibConfig(RLlibAlgorithmConfig):
                 "model_path": self.policy_model_path, "value_head": self.policy.value_head, "lora": self.policy.lora_spec(),
                 "critic": self.policy.critic, "critic_model_path": self.critic_model_path,
                 "temperature": self.temperature, "logits_chunk_tokens": self.algo.logits_chunk_tokens,
+                "share_prompts": self.algo.share_prompts,
             },
         )
 

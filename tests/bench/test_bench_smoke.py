@@ -159,3 +159,13 @@ def test_ab_bench_runs_one_benchmark_against_a_revision() -> None:
     assert re.search(r"^  this tree / HEAD: \d+\.\d\dx", out, re.M), out
     listed = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
     assert "tokengym-ab-" not in listed, listed
+
+
+@pytest.mark.ray
+def test_learner_bench_compares_shared_prompts_with_one_forward_per_sequence() -> None:
+    """bench/learner.py --shared on the tiny grouped minibatch, two timed steps of each: both times and their ratio,
+    and the share of the tokens the shared forward leaves (8 prompts of 6 tokens and 64 responses of 5: 368 of 704)."""
+    out = run_script("bench/learner.py", "--shared", "--preset", "tiny-64", "--repeats", "2")
+    assert re.search(r"^  one forward per sequence +\d+\.\d ms  \(704 tokens forwarded\)$", out, re.M), out
+    assert re.search(r"^  prompts shared +\d+\.\d ms  \(368 tokens forwarded, 52%\)$", out, re.M), out
+    assert re.search(r"^  shared / per sequence = \d+\.\d\dx the time$", out, re.M), out

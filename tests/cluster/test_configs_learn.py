@@ -53,10 +53,24 @@ def test_ppo_is_the_default_experiment() -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("config", [pytest.param(c, marks=[pytest.mark.slow] if c in LONG_TIER else []) for c in sorted(LEARNS)])
 def test_shipped_config_learns(config: str, tmp_path: Path) -> None:
-    iterations, bar = LEARNS[config]
+    assert_learns(config, LEARNS[config], tmp_path)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.e2e
+def test_grpo_learns_with_minibatches_of_whole_groups(tmp_path: Path) -> None:
+    """grpo.yaml with algorithm.group_minibatches=true (each epoch shuffles whole groups, whose prompts the update then
+    forwards once): the same bar as grpo.yaml's."""
+    assert_learns("grpo.yaml", LEARNS["grpo.yaml"], tmp_path, "algorithm.group_minibatches=true")
+
+
+def assert_learns(config: str, length_and_bar: tuple[int, float], tmp_path: Path, *overrides: str) -> None:
+    iterations, bar = length_and_bar
     env = {**os.environ, "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "cluster.cli", "train", str(CONFIGS / config), f"iterations={iterations}",
-           f"checkpoint_every={iterations}", f"runs_dir={tmp_path}", "tracking.progress_bar=false", "tracking.wandb=false"]
+           f"checkpoint_every={iterations}", f"runs_dir={tmp_path}", "tracking.progress_bar=false", "tracking.wandb=false",
+           *overrides]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]

@@ -92,7 +92,8 @@ class AlgorithmConfig:
     logits_chunk_tokens: int | None = 512  # the (tokens, vocab) float32 log-softmax exists for at most this many
     #                                        tokens at a time (recomputed in the backward pass); null: all at once
     share_prompts: bool = True  # forward each distinct prompt of a minibatch once and share its keys/values with every
-    #   sample of it (exact; saves time when prompts repeat: samples_per_prompt > 1, with group_minibatches)
+    #   sample of it (exact): with samples_per_prompt > 1, in the pre-update pass and the first epoch (RLlib keeps it in
+    #   batch order), and in every epoch with group_minibatches
     group_minibatches: bool = False  # minibatches of whole groups (the samples_per_prompt samples of a prompt),
     #   shuffled by group each epoch, instead of single sequences: with share_prompts each minibatch forwards its
     #   prompts once; needs minibatch_size (per learner) and each learner's rows to be multiples of samples_per_prompt

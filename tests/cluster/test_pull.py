@@ -151,7 +151,7 @@ def test_failed_conversion_leaves_no_model_directory(tmp_path: Path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow  # ~4-7 min here; test_vllm_loads_and_generates_from_the_pulled_directory stays in the default tier
+@pytest.mark.slow  # ~3-7 min here; test_vllm_loads_and_generates_from_the_pulled_directory stays in the default tier
 @pytest.mark.download
 @pytest.mark.ray
 @pytest.mark.vllm

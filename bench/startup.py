@@ -82,8 +82,9 @@ def runs_part(configs: list[str], rounds: int, baseline: str | None = None) -> t
             lines.append(f"  {config}: total, this tree / {baseline}: {ratio:.2f}x")
     for config, runs in measured.items():
         for run in runs:  # what no part covers (between the parts), per run: medians of parts need not add up
-            run["other"] = run["total"] - sum(run[p] for p in PARTS)
-        med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            run["other"] = run["total"] - sum(run.get(p, 0.0) for p in PARTS)
+        # A part that a baseline's sources do not log (it came later) is 0 s there: its time is in another part.
+        med = {k: statistics.median(run.get(k, 0.0) for run in runs) for k in (*PARTS, *ACTOR_PARTS, "total", "other")}
         total = med["total"]
         totals = ", ".join(f"{run['total']:.1f}" for run in runs)
         lines.append(f"  {config}: total {total:.1f} s (runs {totals})")

@@ -142,6 +142,16 @@ def seconds_since_launch() -> float:
 
 
 
+@contextmanager
+def timed(timings: dict[str, float], phase: str, group: str = "timing") -> Iterator[None]:
+    """Seconds the block took, as ``timings[f"{group}/{phase}_s"]``."""
+    import time
+
+    start = time.perf_counter()
+    yield
+    timings[f"{group}/{phase}_s"] = time.perf_counter() - start
+
+
 def freeze_heap() -> None:
     """Move every object alive now out of the garbage collector's view (``gc.freeze``): the modules, classes and
     engines a process keeps for its whole life.

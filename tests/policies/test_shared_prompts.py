@@ -56,6 +56,34 @@ def test_shared_prompt_forward_matches_one_forward_per_sequence(arch: str, tmp_p
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("R", [5, 1])
+def test_the_last_column_is_never_forwarded(share: bool, R: int, tmp_path: Path) -> None:
+    """The response tokens' hidden states are the full forward pass's columns -R-1 .. -2, computed without the last
+    column (it predicts nothing): the body never sees it, and changing its token changes nothing."""
+    lm = load_causal_lm(save_tiny_policy(tmp_path / "lm", REVERSE_ALPHABET, seed=3, arch="llama", **TINY)).eval()
+    batch = tensors(grouped_rollouts(np.random.default_rng(0), groups=4, n=8, R=R))
+    assert shared_prompts(batch) is not None  # with share_prompts, this batch takes the shared path
+    widths = []
+    body = lm.base_model
+    hook = body.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    with torch.no_grad():
+        hidden = response_hidden(body, batch, share_prompts=share)
+    hook.remove()
+    L = batch["input_ids"].shape[1]
+    assert sum(widths) == L - 1  # columns 0 .. L - 2, each once: in one pass, or the prompts' and then the rest
+    with torch.no_grad():
+        full = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"]).last_hidden_state[:, -R - 1 : -1]
+        changed = dict(batch, input_ids=batch["input_ids"].clone())
+        changed["input_ids"][:, -1] = (changed["input_ids"][:, -1] + 1) % lm.config.vocab_size
+        again = response_hidden(body, changed, share_prompts=share)
+    assert hidden.shape == full.shape == (32, R, lm.config.hidden_size)
+    torch.testing.assert_close(hidden, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, hidden, rtol=0, atol=0)
+
+
 def test_shared_prompts_found_only_where_they_save_tokens() -> None:
     """The distinct prompts and each row's prompt; no sharing for one sample per prompt or too few repeats."""
     rng = np.random.default_rng(1)

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -165,6 +166,8 @@ class VLLMRolloutActor:
         # In-process engine (starts in seconds, not tens of seconds); this actor is its own process already.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         spawned = seconds_since_launch()  # Ray's worker start, this module's imports
+        # Made by this worker before it took the actor (cluster/engine_imports.py: a local Ray with CPU engines only)
+        self.imports_preloaded = "vllm.entrypoints.llm" in sys.modules
         imported = time.perf_counter()
         with collector_paused():  # seconds of imports that make no garbage to speak of
             from vllm import LLM, SamplingParams
@@ -241,6 +244,7 @@ class VLLMRolloutActor:
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         cache = self.llm.llm_engine.vllm_config.cache_config
         return {"index": self.index, "startup_s": self.startup_s, **self.timings, "pid": os.getpid(),
+                "imports_preloaded": self.imports_preloaded,
                 "node": ray.util.get_node_ip_address(), "model_dir": self.model_dir,
                 "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens,
                 "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size, "kv_block_size": cache.block_size}

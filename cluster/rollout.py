@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -156,9 +155,9 @@ def use_chunked_prefill(mode: str, seeded_sampling: bool, on_cpu: bool) -> bool:
 def use_ray_threads() -> None:
     """torch's threads as Ray's ``OMP_NUM_THREADS`` for this actor (its CPUs, ``rollout.num_cpus_per_actor``).
 
-    Ray sets the variable when the worker becomes the actor; a worker that imported torch before (the preloaded
-    imports, cluster/engine_imports.py) has already sized its thread pool to the machine's cores, which would let each
-    engine's kernels spread over every core."""
+    Ray sets the variable when a worker becomes the actor; a worker that imported torch before that (Ray's
+    ``preload_python_modules``, or work it ran first) has already sized its thread pool to the machine's cores, which
+    would let each engine's kernels spread over every core."""
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "")
@@ -179,8 +178,6 @@ class VLLMRolloutActor:
         # In-process engine (starts in seconds, not tens of seconds); this actor is its own process already.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         spawned = seconds_since_launch()  # Ray's worker start, this module's imports
-        # Made by this worker before it took the actor (cluster/engine_imports.py: a local Ray with CPU engines only)
-        self.imports_preloaded = "vllm.entrypoints.llm" in sys.modules
         imported = time.perf_counter()
         with collector_paused():  # seconds of imports that make no garbage to speak of
             from vllm import LLM, SamplingParams
@@ -258,7 +255,6 @@ class VLLMRolloutActor:
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         cache = self.llm.llm_engine.vllm_config.cache_config
         return {"index": self.index, "startup_s": self.startup_s, **self.timings, "pid": os.getpid(),
-                "imports_preloaded": self.imports_preloaded,
                 "node": ray.util.get_node_ip_address(), "model_dir": self.model_dir,
                 "chunked_prefill": sched.enable_chunked_prefill, "max_num_batched_tokens": sched.max_num_batched_tokens,
                 "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size, "kv_block_size": cache.block_size}

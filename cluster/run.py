@@ -191,18 +191,6 @@ def required_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return {"CPU": 0.0, "GPU": 0.0, **plan_placement(cfg).total()}
 
 
-ENGINE_IMPORTS = "cluster.engine_imports"  # a rollout actor's imports, as one module
-
-
-def preloads_engine_imports(cfg: ExperimentConfig) -> bool:
-    """Whether the local Ray that :func:`init_ray` starts has its Python workers import a rollout actor's modules
-    (torch, transformers, vLLM: ~6 s of a core) before they take work: where every worker it starts is a rollout
-    actor with a CPU engine (no learner or reward-model actors; GPU engines keep their imports in the actor, after
-    Ray has assigned its GPU)."""
-    return (cfg.cluster.address is None and cfg.cluster.num_learners == 0 and cfg.reward_model.path is None
-            and cfg.rollout.num_gpus_per_actor == 0)
-
-
 def init_ray(cfg: ExperimentConfig) -> None:
     """Start a local Ray sized for the run, or join ``cluster.address``; nothing when Ray is running already."""
     import ray
@@ -214,9 +202,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if cfg.cluster.address is not None:  # the cluster's workers get them with the job
         kwargs["runtime_env"] = {"env_vars": env_vars}
     else:  # a local Ray sized for every actor and learner
-        # Its processes inherit this environment. Not a job runtime_env: the workers Ray starts as soon as the driver
-        # connects, one per core, have none, and actors of a job with one never take them (each would start a
-        # worker of its own while those idle).
+        # Its processes inherit this environment. Not a job runtime_env: Ray starts a worker per core (up to
+        # num_cpus) as soon as the driver connects, with none, and the actors of a job with one never take those
+        # workers (each started one of its own while they idled).
         os.environ.update({k: os.environ.get(k, v) for k, v in env_vars.items()})
         # the scorer is an actor of its own
         actor_cpus = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + int(cfg.reward_model.path is not None)
@@ -224,12 +212,6 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # The custom resources that pin actors to node pools: one local node is every pool, so a cluster's config
         # runs unchanged on one machine.
         kwargs["resources"] = {k: v for k, v in required_resources(cfg).items() if k not in ("CPU", "GPU")}
-        if preloads_engine_imports(cfg):
-            # When the driver connects, Ray starts min(num_cpus, worker_maximum_startup_concurrency) workers (its
-            # default concurrency: one per core): here one per rollout actor (up to one per core), each importing
-            # what its actor will while this process prepares the run.
-            kwargs["_system_config"] = {"preload_python_modules": [ENGINE_IMPORTS], "worker_maximum_startup_concurrency":
-                                        max(1, min(cfg.rollout.num_actors, os.cpu_count() or 1))}
     # "local" rather than None: a head started on this machine by `ray start` (or RAY_ADDRESS) is not joined unasked
     ray.init(address=cfg.cluster.address or "local", **kwargs)
 
@@ -411,13 +393,12 @@ def plot_summary(run_dir: Path) -> Path | None:
 
 # Logged with a process's first iteration (docs/metrics.md), with their words in the run's summary: the driver's
 # phases, one after the other ("startup/<part>_s"); inside "actors", the slowest rollout actor's own
-# ("startup/actor_<part>_s", cluster.rollout.STARTUP_PARTS); how many rollout actors found their imports made by
-# their worker before they started (preloads_engine_imports); and the total from the process's start.
+# ("startup/actor_<part>_s", cluster.rollout.STARTUP_PARTS); and the total from the process's start.
 STARTUP_PARTS = {"launch": "launch", "ray": "Ray", "imports": "imports", "policy": "policy", "actors": "rollout actors",
                  "learners": "learners", "first_sync": "first weight sync", "tracking": "tracking"}
 ACTOR_STARTUP_WORDS = {"process": "process", "import": "vLLM import", "engine": "engine build", "warmup": "warm-up"}
 STARTUP_KEYS = (*(f"startup/{p}_s" for p in STARTUP_PARTS), *(f"startup/actor_{p}_s" for p in ACTOR_STARTUP_WORDS),
-                "startup/actors_preloaded", "startup/total_s")
+                "startup/total_s")
 
 
 def startup_line(row: dict[str, Any]) -> str:
@@ -425,9 +406,7 @@ def startup_line(row: dict[str, Any]) -> str:
     parts = [f"{words} {row[f'startup/{p}_s']:.1f}s" for p, words in STARTUP_PARTS.items() if f"startup/{p}_s" in row]
     actor = [f"{words} {row[f'startup/actor_{p}_s']:.1f}s" for p, words in ACTOR_STARTUP_WORDS.items()
              if f"startup/actor_{p}_s" in row]
-    preloaded = row.get("startup/actors_preloaded")
-    where = f"; {preloaded} found their imports preloaded" if preloaded else ""
-    inside = f"\n{'':18}(rollout actors, the slowest one's: {', '.join(actor)}{where})" if actor else ""
+    inside = f"\n{'':18}(rollout actors, the slowest one's: {', '.join(actor)})" if actor else ""
     return f"{row['startup/total_s']:.1f}s: {', '.join(parts)}{inside}"
 
 

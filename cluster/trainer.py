@@ -97,7 +97,6 @@ class Trainer:
             )
         for part in ACTOR_STARTUP_PARTS:  # inside each rollout actor: the slowest one's
             self.startup[f"startup/actor_{part}_s"] = max(info[f"{part}_s"] for info in self.rollouts.info)
-        self.startup["startup/actors_preloaded"] = sum(bool(info.get("imports_preloaded")) for info in self.rollouts.info)
         remote = cfg.cluster.num_learners > 0  # a learner in this process reads the driver's paths
         critic = cfg.policy.critic_model_path
         with timed(self.startup, "learners", "startup"):

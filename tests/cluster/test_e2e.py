@@ -72,9 +72,6 @@ def test_short_default_run_learns_and_records_everything(tmp_path: Path) -> None
     in_turn = ("launch", "policy", "ray", "actors", "learners", "first_sync", "tracking")
     assert sum(start[f"startup/{part}_s"] for part in in_turn) <= start["startup/total_s"] < 300, start
     assert start["startup/actor_import_s"] > 0 and start["startup/actor_engine_s"] > 0
-    # A local Ray whose workers are all rollout actors: each worker imported vLLM before it became its actor.
-    assert start["startup/actors_preloaded"] == 2, start
-    assert "; 2 found their imports preloaded)" in result.stdout, result.stdout
     assert 0 < start["startup/actor_warmup_s"] < start["startup/actors_s"]
     assert f"start-up        {start['startup/total_s']:.1f}s: launch " in result.stdout, result.stdout
     for key in REQUIRED:

@@ -489,6 +489,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:  # YAML 1.1 reads a bare on / off as a bool
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
         return value

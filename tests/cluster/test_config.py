@@ -28,6 +28,18 @@ def test_overrides_are_typed_and_nested() -> None:
     assert cfg.rollout.num_actors == 3 and cfg.name == "x" and cfg.cluster.address == "auto"
 
 
+def test_on_and_off_as_yaml_reads_them_are_the_choices_they_name(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads a bare on / off as true / false; the on | auto | off settings take them as written."""
+    cfg = load_config(overrides=["algorithm.bf16=on", "rollout.chunked_prefill=off"])
+    assert (cfg.algorithm.bf16, cfg.rollout.chunked_prefill) == ("on", "off")
+    path = tmp_path / "c.yaml"
+    path.write_text("defaults: [" + str(DEFAULT_CONFIG) + "]\nalgorithm: {bf16: off}\nrollout: {chunked_prefill: on}\n")
+    cfg = load_config(path)
+    assert (cfg.algorithm.bf16, cfg.rollout.chunked_prefill) == ("off", "on")
+    with pytest.raises(ConfigError, match="algorithm.loss_agg must be one of"):  # other choices: a bool is no choice
+        load_config(overrides=["algorithm.loss_agg=true"])
+
+
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(DEFAULT_CONFIG, ["iterations=7"])
     dump_config(cfg, tmp_path / "config.yaml")

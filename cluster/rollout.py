@@ -152,19 +152,6 @@ def use_chunked_prefill(mode: str, seeded_sampling: bool, on_cpu: bool) -> bool:
     return mode == "on"
 
 
-def use_ray_threads() -> None:
-    """torch's threads as Ray's ``OMP_NUM_THREADS`` for this actor (its CPUs, ``rollout.num_cpus_per_actor``).
-
-    Ray sets the variable when a worker becomes the actor; a worker that imported torch before that (Ray's
-    ``preload_python_modules``, or work it ran first) has already sized its thread pool to the machine's cores, which
-    would let each engine's kernels spread over every core."""
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))
-
-
 class VLLMRolloutActor:
     """A Ray actor (wrapped with ``ray.remote`` by :class:`RolloutGroup`) owning a vLLM engine and an environment.
 
@@ -183,7 +170,6 @@ class VLLMRolloutActor:
             from vllm import LLM, SamplingParams
             from vllm.platforms import current_platform
         freeze_heap()  # the imports: vLLM's engine build runs full collections (bench/RESULTS.md, "Start-up")
-        use_ray_threads()
         self.index, self.opts = index, engine
         self.model_dir = os.fspath(engine.model_dir)  # a shipped directory: its copy on this node, made here if needed
         self._SamplingParams = SamplingParams

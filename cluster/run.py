@@ -205,7 +205,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
         # Its processes inherit this environment. Not a job runtime_env: Ray starts a worker per core (up to
         # num_cpus) as soon as the driver connects, with none, and the actors of a job with one never take those
         # workers (each started one of its own while they idled).
-        os.environ.update({k: os.environ.get(k, v) for k, v in env_vars.items()})
+        for key, value in env_vars.items():
+            os.environ.setdefault(key, value)
         # the scorer is an actor of its own
         actor_cpus = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + int(cfg.reward_model.path is not None)
         kwargs["num_cpus"] = cfg.cluster.num_cpus or actor_cpus + cfg.cluster.num_learners + 1

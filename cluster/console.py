@@ -133,12 +133,28 @@ def _innermost_frame(text: str) -> str | None:
 
 def seconds_since_launch() -> float:
     """Seconds since this process started: for the CLI, what a user has waited since typing the command; for an
-    actor, since Ray started its worker."""
+    actor, since Ray started its worker.
+
+    On Linux from the kernel's own clock: the system's uptime less the process's start (both counted from boot, in
+    clock ticks). ``psutil.Process().create_time()`` adds the start to the boot time, which Linux gives in whole
+    seconds (``btime``), so an age computed from it is too long by the boot time's lost fraction, up to a second
+    and the same for every process until the next boot. Elsewhere, or if ``/proc`` disagrees with psutil by more
+    than that, psutil's.
+    """
     import time
 
     import psutil
 
-    return time.time() - psutil.Process().create_time()
+    coarse = time.time() - psutil.Process().create_time()
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after "pid (comm)"
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        exact = uptime - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return coarse
+    return exact if -0.05 <= coarse - exact <= 1.05 and exact >= 0 else coarse
 
 
 @contextmanager

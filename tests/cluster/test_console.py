@@ -91,3 +91,19 @@ def test_other_failures_name_the_component_the_exception_and_where_it_was_raised
     with pytest.raises(KeyboardInterrupt):
         with failures_logged(tmp_path):
             raise KeyboardInterrupt
+
+
+def test_seconds_since_launch_counts_from_the_process_start_not_a_second_before() -> None:
+    """A new process's age, as it reports it, lies between the parent's clock before it was started and after it
+    answered. psutil's create_time puts the start up to a second early on Linux (the boot time in whole seconds);
+    the kernel's uptime and the process's start ticks do not."""
+    import subprocess
+    import time
+
+    code = "import time; from cluster.console import seconds_since_launch as s; age = s(); print(time.time() - age)"
+    for _ in range(3):
+        before = time.time()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        after = time.time()
+        started = float(out)
+        assert before - 0.02 <= started <= after, (before, started, after)  # 0.02: the kernel counts in 10 ms ticks
